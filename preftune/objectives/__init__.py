@@ -9,12 +9,50 @@ import difflib
 from torch import Tensor
 
 from .base import Objective, ObjectiveOutput, PairedLogps
+from .cpo import CPOParams, cpo_loss
 from .dpo import DPOParams, dpo_loss
+from .hinge import HingeParams, hinge_loss
+from .ipo import IPOParams, ipo_loss
+from .orpo import ORPOParams, orpo_loss
+from .robust import RobustParams, robust_loss
+from .sft import SFTParams, sft_loss
+from .simpo import SimPOParams, simpo_loss
 
 OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective(
         "dpo", dpo_loss, DPOParams, needs_reference=True,
         paper="Rafailov et al. 2023, Direct Preference Optimization (Eq. 7); cDPO with label_smoothing",
+    ),
+    "ipo": Objective(
+        "ipo", ipo_loss, IPOParams, needs_reference=True,
+        paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences (Eq. 17)",
+    ),
+    "robust": Objective(
+        "robust", robust_loss, RobustParams, needs_reference=True,
+        paper="Chowdhury et al. 2024, Provably Robust DPO: Aligning Language Models with Noisy Feedback (Eq. 8)",
+    ),
+    "hinge": Objective(
+        "hinge", hinge_loss, HingeParams, needs_reference=True,
+        paper="Zhao et al. 2023, SLiC-HF (§2); Liu et al. 2024, Statistical Rejection Sampling Improves "
+        "Preference Optimization (Eq. 7, hinge)",
+    ),
+    "simpo": Objective(
+        "simpo", simpo_loss, SimPOParams, needs_reference=False,
+        paper="Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward (Eq. 6)",
+    ),
+    "cpo": Objective(
+        "cpo", cpo_loss, CPOParams, needs_reference=False,
+        paper="Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance "
+        "in Machine Translation (Eq. 3-4)",
+    ),
+    "orpo": Objective(
+        "orpo", orpo_loss, ORPOParams, needs_reference=False,
+        paper="Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model (Eq. 6-7)",
+    ),
+    "sft": Objective(
+        "sft", sft_loss, SFTParams, needs_reference=False, shapes=("pairs", "completions"), uses_rejected=False,
+        paper="Supervised fine-tuning (mean token NLL); the Preferred-FT baseline of Rafailov et al. 2023, "
+        "Direct Preference Optimization (§6)",
     ),
 }
 
@@ -47,23 +85,41 @@ def make_params(name: str, values: dict) -> object:
             f"its parameters are: {', '.join(allowed) or '(none)'}"
             + (f" (and {', '.join(SHARED_PARAMS)} for paired objectives)" if "pairs" in objective.shapes else "")
         )
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            kind = type(value).__name__
-            default = next(f.default for f in dataclasses.fields(objective.params) if f.name == key)
-            if not isinstance(value, type(default)):
-                raise TypeError(f"objective {name!r}: parameter {key} expected {type(default).__name__}, got {kind}")
-    return objective.params(**values)
+    defaults = {f.name: f.default for f in dataclasses.fields(objective.params)}
+    return objective.params(**{key: _coerce_param(name, key, v, defaults[key]) for key, v in values.items()})
+
+
+def _coerce_param(objective: str, key: str, value: object, default: object) -> object:
+    """``value`` as the type of ``default``; ints and numeric strings become floats where a float is expected
+    (YAML 1.1 reads ``1e-1`` as a string); anything else of the wrong type (a bool included) is an error."""
+    if default is dataclasses.MISSING:
+        return value
+    expected = type(default)
+    if expected is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if isinstance(value, expected) and isinstance(value, bool) == (expected is bool):
+        return value
+    raise TypeError(
+        f"objective {objective!r}: parameter {key} expects {expected.__name__}, got {value!r} ({type(value).__name__})"
+    )
 
 
 def compute(objective: Objective, logps: PairedLogps, params: object, rpo_alpha: float = 0.0) -> ObjectiveOutput:
-    """Check the inputs at the boundary, run the objective, add the optional RPO NLL term."""
-    paired = logps.policy_rejected_logps is not None
-    logps.check(objective.name, objective.needs_reference, needs_rejected=objective.uses_rejected and paired)
+    """Check the inputs at the boundary, run the objective in fp32 or better, add the optional RPO NLL term."""
+    # An objective that uses the rejected completion must get it: missing tensors are a ValueError naming
+    # the field here, not a TypeError from inside the formula.
+    logps.check(objective.name, objective.needs_reference, needs_rejected=objective.uses_rejected)
+    if rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+    logps = logps.upcast()
     out = objective.loss(logps, params)
     if rpo_alpha:
-        if rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
         nll = logps.chosen_nll()
         out = dataclasses.replace(out, losses=out.losses + rpo_alpha * nll, metrics={**out.metrics, "nll": nll.mean().detach()})
     return out

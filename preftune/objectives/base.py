@@ -8,7 +8,7 @@ no model, no accelerator, no collectives. The trainer never asks an objective's 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -62,6 +62,15 @@ class PairedLogps:
             counts = getattr(self, name)
             if counts is not None and bool((counts <= 0).any()):
                 raise ValueError(f"{name} must be positive completion token counts, got {counts.tolist()}")
+
+    def upcast(self) -> PairedLogps:
+        """A copy whose fp16/bf16 log-prob tensors are fp32: sums and sigmoids lose too much in half precision."""
+        changes = {
+            f.name: as_float(getattr(self, f.name))
+            for f in fields(self)
+            if f.name.endswith("_logps") and getattr(self, f.name) is not None
+        }
+        return replace(self, **changes)
 
     def chosen_nll(self) -> Tensor:
         """Per-example mean token negative log-likelihood of the chosen completion, ``(B,)``."""

@@ -17,7 +17,7 @@ class DPOParams:
 
     def __post_init__(self):
         check_positive("beta", self.beta)
-        check_unit_interval("label_smoothing", self.label_smoothing, upper=0.5)
+        check_unit_interval("label_smoothing", self.label_smoothing, upper=0.5, upper_open=True)
 
 
 def dpo_loss(logps: PairedLogps, params: DPOParams) -> ObjectiveOutput:

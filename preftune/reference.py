@@ -1,0 +1,117 @@
+"""Reference log-probs: a frozen model, the policy with its LoRA adapters disabled, or an on-disk cache.
+
+Every reference answers one question: the summed completion log-probs ``(2B,)`` (chosen rows then
+rejected rows, as in the batch) under the reference policy, without gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .logps import completion_logps
+
+log = logging.getLogger("preftune")
+Batch = dict[str, Tensor]
+
+
+class ModelReference:
+    """A separate frozen model (a copy of the starting policy, or another model given by path)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int, autocast: Callable[[], contextlib.AbstractContextManager]):
+        self.model, self.chunk_size, self.autocast = model, chunk_size, autocast
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> Tensor:
+        with self.autocast():
+            out = completion_logps(
+                self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], self.chunk_size
+            )
+        return out.sums
+
+    def release(self) -> None:
+        self.model = None
+
+
+class AdapterOffReference(ModelReference):
+    """The policy itself with its LoRA adapters disabled: the starting model, with no second copy in memory."""
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return super().__call__(batch)
+        finally:
+            self.model.train(was_training)
+
+    def release(self) -> None:
+        self.model = None  # the policy lives on; only this handle goes
+
+
+class CachedReference:
+    """Reference log-probs computed once for every example of a split, looked up by example index."""
+
+    def __init__(self, table: Tensor):
+        self.table = table  # (n, 2): chosen, rejected per example index
+
+    def __call__(self, batch: Batch) -> Tensor:
+        rows = self.table[batch["index"].cpu()]
+        return torch.cat([rows[:, 0], rows[:, 1]]).to(batch["input_ids"].device)
+
+    def release(self) -> None:
+        pass
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of every weight the reference computes with (LoRA adapter weights excluded: they are off)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(weights: str, data_hash: str, chunk_precision: str) -> str:
+    return hashlib.sha256(f"{weights}|{data_hash}|{chunk_precision}".encode()).hexdigest()[:32]
+
+
+def precompute(
+    reference: ModelReference, batches: Iterable[Batch], size: int, cache_file: Path, covered: list[int],
+    progress: Callable | None = None,
+) -> CachedReference:
+    """Run ``reference`` over every batch once and cache the ``(size, 2)`` table at ``cache_file``.
+
+    A table already at ``cache_file`` is reused: its key covers the reference weights, the tokenized data
+    (so tokenizer, text and truncation settings) and the precision.
+    """
+    if cache_file.is_file():
+        table = load_file(str(cache_file))["reference_logps"]
+        if table.shape == (size, 2):
+            log.info("reusing cached reference log-probs %s", cache_file)
+            return CachedReference(table)
+    table = torch.full((size, 2), float("nan"))
+    iterator = progress(batches) if progress else batches
+    for batch in iterator:
+        sums = reference(batch).float().cpu()
+        half = sums.shape[0] // 2
+        table[batch["index"].cpu()] = torch.stack([sums[:half], sums[half:]], dim=1)
+    if torch.isnan(table[covered]).any():
+        raise RuntimeError("reference precomputation did not cover every example; this is a bug in the batching")
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    save_file({"reference_logps": table}, str(tmp))
+    tmp.replace(cache_file)
+    log.info("cached reference log-probs for %d examples at %s", size, cache_file)
+    return CachedReference(table)
