@@ -90,7 +90,7 @@ def _is_current(folder: Path, marker: dict) -> bool:
 
 # Memoised per process so a run that resolves the name several times (policy, reference, tokenizer)
 # checks the cache once; keyed by the cache root so tests can point PREFTUNE_CACHE elsewhere.
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _converted_folder(key: str, root: str) -> Path:
     source = gguf_path(key)
     final = Path(root) / "models" / key

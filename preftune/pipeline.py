@@ -14,7 +14,14 @@ from . import modeling
 from .config import Config
 from .data import DataSplits, PairCollator, TokenizedExample, content_hash, load_examples, tokenize_examples
 from .objectives import Objective
-from .reference import AdapterOffReference, CachedReference, ModelReference, cache_key, precompute, weights_digest
+from .reference import (
+    AdapterOffReference,
+    CachedReference,
+    ModelReference,
+    cache_key,
+    precompute,
+    weights_digest,
+)
 from .schedule import sequential_batches
 
 log = logging.getLogger("preftune")

@@ -26,7 +26,7 @@ def _corpus(limit: int = 3000) -> list[str]:
     return [line.split("\t", 2)[2] for line in lines]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_bpe(vocab_size: int) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

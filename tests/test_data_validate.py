@@ -209,6 +209,11 @@ def test_text_prompt_repeated_inside_full_conversations_is_dropped(tmp_path):
     assert load_one(tmp_path, row) == PairExample("train.jsonl:1", [user("hi")], [assistant("a")], [assistant("b")])
 
 
+def test_message_prompt_repeated_at_the_start_of_both_conversations_is_not_doubled(tmp_path):
+    row = {"prompt": [user("hi")], "chosen": [user("hi"), assistant("a")], "rejected": [user("hi"), assistant("b")]}
+    assert load_one(tmp_path, row) == PairExample("train.jsonl:1", [user("hi")], [assistant("a")], [assistant("b")])
+
+
 def test_chat_template_true_wraps_text(tmp_path):
     example = load_one(tmp_path, GOOD, chat_template=True)
     assert example == PairExample(

@@ -72,12 +72,27 @@ class _Encoder:
         probe = tokenizer("a", add_special_tokens=True).input_ids
         self.wants_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
         self._whitespace: dict[int, bool] = {}
+        # SentencePiece-style tokenizers (Llama-2, Mistral/Zephyr: Metaspace, prepend_scheme "first") put a
+        # "▁" before the first word of every call, so a completion tokenized alone would start with a space
+        # the joined text does not have. They prepend nothing right after a special token: such tokenizers
+        # get their completions encoded behind an EOS that is then dropped.
+        anchored = self._encode([tokenizer.eos_token + "a"])[0]
+        self.anchor = anchored[:1] == [self.eos_id] and anchored[1:] != self._encode(["a"])[0]
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def _encode(self, texts: list[str]) -> list[list[int]]:
         ids: list[list[int]] = []
         for start in range(0, len(texts), _ENCODE_CHUNK):
             ids += self.tokenizer(texts[start : start + _ENCODE_CHUNK], add_special_tokens=False)["input_ids"]
         return ids
+
+    def encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        return self._encode(texts)
+
+    def encode_completions(self, texts: list[str]) -> list[list[int]]:
+        """Each text tokenized on its own (no merge across the boundary), as it reads after a prompt."""
+        if not self.anchor:
+            return self._encode(texts)
+        return [ids[1:] for ids in self._encode([self.tokenizer.eos_token + text for text in texts])]
 
     def is_whitespace(self, token_id: int) -> bool:
         if token_id not in self._whitespace:
@@ -180,14 +195,14 @@ def tokenize_examples(examples: list, tokenizer, data: DataConfig) -> tuple[list
     """
     encoder = _Encoder(tokenizer)
     rendered = _render_all(examples, tokenizer, data.max_errors_reported)
-    flat = [text for prompt, completions, _ in rendered for text in (prompt, *completions)]
-    ids = iter(encoder.encode(flat))
+    prompt_ids = encoder.encode_prompts([prompt for prompt, _, _ in rendered])
+    completion_ids = iter(encoder.encode_completions([text for _, texts, _ in rendered for text in texts]))
     paired = bool(examples) and isinstance(examples[0], PairExample)
     summary = TruncationSummary(len(examples), 0, 0, [], "pair" if paired else "example", data.max_prompt_length)
     tokenized = []
     for index, (example, (prompt_text, completion_texts, chat)) in enumerate(zip(examples, rendered, strict=True)):
-        prompt = encoder.prompt(next(ids), prompt_text)
-        completions = [encoder.completion(next(ids), chat) for _ in completion_texts]
+        prompt = encoder.prompt(prompt_ids[index], prompt_text)
+        completions = [encoder.completion(next(completion_ids), chat) for _ in completion_texts]
         has_bos = bool(prompt) and prompt[0] == encoder.bos_id
         result = _truncate(prompt, completions, has_bos, data)
         if result is None:

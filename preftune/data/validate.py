@@ -231,6 +231,9 @@ def _pair(fields: Fields, source: str, chat_template: bool | None) -> tuple[Pair
                     "so there is no prompt; add a 'prompt' field or start both with the same prompt messages"
                 ]
             prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        elif all(len(c) > len(prompt) and c[: len(prompt)] == prompt for c in (chosen, rejected)):
+            # both conversations repeat the prompt column: [prompt, prompt, answer] would be a silent data bug
+            chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
         problems = _check_turns(fields, "chosen", chosen) + _check_turns(fields, "rejected", rejected)
         if problems:
             return None, problems

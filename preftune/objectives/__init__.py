@@ -8,20 +8,31 @@ import difflib
 
 from torch import Tensor
 
+from .aot import AOTParams, aot_loss, aot_unpaired_loss
+from .apo import APOParams, apo_down_loss, apo_zero_loss
 from .base import Objective, ObjectiveOutput, PairedLogps
 from .cpo import CPOParams, cpo_loss
+from .discopop import DiscoPOPParams, discopop_loss
 from .dpo import DPOParams, dpo_loss
+from .dpo_norm import DPONormParams, dpo_norm_loss
+from .dpop import DPOPParams, dpop_loss
+from .exo import EXOParams, exo_loss
+from .gpo import GPOParams, gpo_loss
 from .hinge import HingeParams, hinge_loss
 from .ipo import IPOParams, ipo_loss
+from .nca import NCAParams, nca_loss
 from .orpo import ORPOParams, orpo_loss
 from .robust import RobustParams, robust_loss
 from .sft import SFTParams, sft_loss
 from .simpo import SimPOParams, simpo_loss
+from .slic import SLiCParams, slic_loss
+from .sppo_hard import SPPOHardParams, sppo_hard_loss
 
 OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective(
         "dpo", dpo_loss, DPOParams, needs_reference=True,
-        paper="Rafailov et al. 2023, Direct Preference Optimization (Eq. 7); cDPO with label_smoothing",
+        paper="Rafailov et al. 2023, Direct Preference Optimization (Eq. 7); cDPO with label_smoothing; "
+        "f-DPO with f_divergence (Wang et al. 2023, Beyond Reverse KL, Theorem 1, Table 1)",
     ),
     "ipo": Objective(
         "ipo", ipo_loss, IPOParams, needs_reference=True,
@@ -53,6 +64,60 @@ OBJECTIVES: dict[str, Objective] = {
         "sft", sft_loss, SFTParams, needs_reference=False, shapes=("pairs", "completions"), uses_rejected=False,
         paper="Supervised fine-tuning (mean token NLL); the Preferred-FT baseline of Rafailov et al. 2023, "
         "Direct Preference Optimization (§6)",
+    ),
+    "dpop": Objective(
+        "dpop", dpop_loss, DPOPParams, needs_reference=True,
+        paper="Pal et al. 2024, Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive (Eq. 3)",
+    ),
+    "gpo": Objective(
+        "gpo", gpo_loss, GPOParams, needs_reference=True,
+        paper="Tang et al. 2024, Generalized Preference Optimization: A Unified Approach to Offline Alignment "
+        "(f(βρ), Table 1)",
+    ),
+    "nca": Objective(
+        "nca", nca_loss, NCAParams, needs_reference=True,
+        paper="Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit Rewards "
+        "(NCA, pairwise K = 2)",
+    ),
+    "exo": Objective(
+        "exo", exo_loss, EXOParams, needs_reference=True,
+        paper="Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment (EXO-pref, Eq. 16)",
+    ),
+    "aot": Objective(
+        "aot", aot_loss, AOTParams, needs_reference=True,
+        paper="Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport (AOT paired)",
+    ),
+    "aot_unpaired": Objective(
+        "aot_unpaired", aot_unpaired_loss, AOTParams, needs_reference=True,
+        paper="Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport "
+        "(AOT unpaired)",
+    ),
+    "apo_zero": Objective(
+        "apo_zero", apo_zero_loss, APOParams, needs_reference=True,
+        paper="D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions (Eq. 7)",
+    ),
+    "apo_down": Objective(
+        "apo_down", apo_down_loss, APOParams, needs_reference=True,
+        paper="D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions (Eq. 8)",
+    ),
+    "discopop": Objective(
+        "discopop", discopop_loss, DiscoPOPParams, needs_reference=True,
+        paper="Lu et al. 2024, Discovering Preference Optimization Algorithms with and for Large Language Models "
+        "(LRML, Eq. 5)",
+    ),
+    "sppo_hard": Objective(
+        "sppo_hard", sppo_hard_loss, SPPOHardParams, needs_reference=True,
+        paper="Wu et al. 2024, Self-Play Preference Optimization for Language Model Alignment "
+        "(Eq. 4.7, hard win probabilities)",
+    ),
+    "dpo_norm": Objective(
+        "dpo_norm", dpo_norm_loss, DPONormParams, needs_reference=True,
+        paper="Rafailov et al. 2023, DPO (Eq. 7) on token-averaged log-ratios; the length-normalisation "
+        "ablation of Meng et al. 2024, SimPO",
+    ),
+    "slic": Objective(
+        "slic", slic_loss, SLiCParams, needs_reference=False,
+        paper="Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback (Eq. 2)",
     ),
 }
 

@@ -1,0 +1,100 @@
+"""The command line: help, errors before any model loads, train / eval, Ctrl-C then resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preftune.cli import main
+
+
+def write_config(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("training.learning_rate = 5e-07", "objective.name = 'dpo'", "data.max_length = 1024",
+                 "reference.precompute = False", "lora.r = 16"):
+        assert line in out
+
+
+def test_bad_key_fails_before_any_model_loads(tmp_path, base_config, capsys, monkeypatch):
+    import preftune.modeling as modeling
+
+    monkeypatch.setattr(modeling, "load_policy", lambda *a: pytest.fail("a model was loaded"))
+    path = write_config(tmp_path, base_config)
+    assert main(["train", str(path), "training.learnin_rate=1"]) == 2
+    assert "unknown config key 'training.learnin_rate' (did you mean 'training.learning_rate'?)" in capsys.readouterr().err
+
+
+def test_bad_data_fails_before_any_model_loads(tmp_path, base_config, capsys, monkeypatch):
+    import preftune.modeling as modeling
+
+    monkeypatch.setattr(modeling, "load_tokenizer", lambda *a: pytest.fail("the tokenizer was loaded"))
+    monkeypatch.setattr(modeling, "load_policy", lambda *a: pytest.fail("a model was loaded"))
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n"
+                    + json.dumps({"prompt": "p", "chosen": "", "rejected": "b"}) + "\n")
+    base_config["data"].update(train_file=str(data), eval_fraction=0.0)
+    assert main(["train", str(write_config(tmp_path, base_config))]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1" in err and "bad.jsonl:2" in err and "'chosen'" in err
+
+
+def test_train_then_eval_the_final_model(tmp_path, base_config, capsys):
+    path = write_config(tmp_path, base_config)
+    assert main(["train", str(path), "training.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out metrics after training:" in out and "eval/rewards/accuracies" in out
+    final = Path(base_config["training"]["output_dir"]) / "final"
+    assert main(["eval", str(path), f"model.name_or_path={final}",
+                 f"reference.name_or_path={base_config['model']['name_or_path']}",
+                 f"training.output_dir={tmp_path / 'eval'}"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    history = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    after = [row for row in history if "eval/loss" in row][-1]
+    # the same held-out split, model and reference: the eval command reproduces the trainer's last eval
+    assert metrics["eval/loss"] == pytest.approx(after["eval/loss"], abs=1e-5)
+    assert metrics["eval/rewards/margins"] == pytest.approx(after["eval/rewards/margins"], abs=1e-5)
+    assert metrics["eval/examples"] == 6
+
+
+def test_ctrl_c_writes_a_checkpoint_and_the_rerun_resumes(tmp_path, base_config):
+    """SIGINT mid-run: the process exits 130 after checkpointing; the same command finishes the run."""
+    base_config["training"].update(max_steps=400, save_steps=None, logging_steps=1, lr_scheduler="constant")
+    path = write_config(tmp_path, base_config)
+    cmd = [sys.executable, "-m", "preftune.cli", "train", str(path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = Path(base_config["training"]["output_dir"]) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    checkpoints = sorted((metrics.parent / "checkpoints").iterdir())
+    assert len(checkpoints) == 1
+    stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    assert 1 <= stopped_at < 400 and f"interrupted at step {stopped_at}" in out
+    # finish a shorter run from the same checkpoint (the constant schedule does not depend on max_steps)
+    end = stopped_at + 3
+    done = subprocess.run(cmd + [f"training.max_steps={end}"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == list(range(1, end + 1))
+    assert f"resumed from {checkpoints[0]} at step {stopped_at}" in done.stderr

@@ -1,0 +1,67 @@
+"""Typed config: every recipe loads; unknown keys and bad values fail with the key's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from preftune.config import ConfigError, config_from_dict, load_config, save_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_is_a_recipe_for_every_issue_objective():
+    names = {p.stem for p in CONFIGS}
+    assert {"dpo", "ipo", "robust", "hinge", "simpo", "cpo", "orpo", "sft", "rpo", "preferred_ft"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_recipe_loads_and_its_data_exists(path):
+    config = load_config(path)
+    assert Path(config.data.train_file).is_file(), config.data.train_file
+    assert config.training.output_dir.startswith("runs/")
+
+
+def test_overrides_are_typed_and_reach_objective_parameters():
+    config = config_from_dict({}, ["objective.beta=0.25", "training.learning_rate=1e-5", "lora.enabled=true",
+                                   "lora.target_modules=[q_proj]", "data.max_length=null"])
+    assert config.objective.params == {"beta": 0.25}
+    assert config.training.learning_rate == 1e-5
+    assert config.lora.enabled is True and config.lora.target_modules == ["q_proj"]
+    assert config.data.max_length is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "overrides", "message"),
+    [
+        ({"training": {"batchsize": 2}}, [], r"unknown config key 'training.batchsize' \(did you mean 'training.batch_size'\?\)"),
+        ({"trainer": {}}, [], r"unknown config key 'trainer' \(did you mean 'training'\?\)"),
+        ({}, ["training.batch_size=two"], r"'training.batch_size': expected an integer, got 'two'"),
+        ({}, ["training.precision=fp16"], r"'training.precision': expected one of 'fp32', 'bf16', got 'fp16'"),
+        ({}, ["training.batch_size=0"], r"'training.batch_size': must be > 0"),
+        ({}, ["objective.name=dpx"], r"unknown objective 'dpx' \(did you mean 'dpo'\?\); valid objectives: .*simpo"),
+        ({}, ["objective.gamma=1"], r"objective 'dpo' does not take parameter\(s\) gamma; its parameters are: beta"),
+        ({}, ["objective.beta=-1"], r"beta must be > 0"),
+        ({}, ["data.max_prompt_length=600", "data.max_length=512"], r"'data.max_prompt_length' \(600\) must be smaller"),
+        ({}, ["training.lr"], r"override 'training.lr' is not of the form dotted.key=value"),
+        ({"data": {"eval_file": "x.jsonl", "eval_fraction": 0.1}}, [], r"either 'data.eval_file' or 'data.eval_fraction'"),
+    ],
+)
+def test_bad_config_names_the_key_and_what_is_allowed(raw, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw, overrides)
+
+
+def test_load_config_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("training:\n  learning_rate: fast\n")
+    with pytest.raises(ConfigError, match=rf"{path}: config key 'training.learning_rate': expected a number"):
+        load_config(path)
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = config_from_dict({"objective": {"name": "simpo", "gamma": 0.5}}, ["training.seed=7"])
+    save_config(config, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == config
