@@ -60,7 +60,7 @@ def _pair_rows(good: list[Snippet], bad: list[Snippet], rng: random.Random) -> l
     """Conversational rows (prompt = one user message, chosen/rejected = one assistant message each), so
     the model's own chat template renders them, as it would at inference."""
     rows = []
-    for chosen, rejected in zip(good, bad):
+    for chosen, rejected in zip(good, bad, strict=True):
         prompt = rng.choice(PROMPTS)
         rows.append({
             "prompt": [{"role": "user", "content": prompt}],

@@ -152,6 +152,10 @@ class _Run:
                                       t.gradient_accumulation_steps, t.seed, accelerator.process_index,
                                       accelerator.num_processes)
         self.total_steps = self.schedule.total_steps(t.epochs, t.max_steps)
+        if objective.batch_level and t.gradient_accumulation_steps > 1:
+            log.warning("objective %r compares examples within a micro-batch: with gradient accumulation its "
+                        "loss is that of %d batches of %d, not of one batch of %d", objective.name,
+                        t.gradient_accumulation_steps, t.batch_size, t.batch_size * t.gradient_accumulation_steps)
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay,
             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,

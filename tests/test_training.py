@@ -208,3 +208,39 @@ def test_sft_on_completions(base_config, tmp_path):
     # the mean token NLL of a random 512-way model starts near log 512 = 6.24
     assert rows[0]["loss"] == pytest.approx(-rows[0]["rewards/chosen"], rel=1e-5)
     assert 5.0 < rows[0]["loss"] < 7.5
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(base_config, tmp_path):
+    plain = run(base_config, f"training.output_dir={tmp_path / 'plain'}")
+    checkpointed = run(base_config, "model.gradient_checkpointing=true", f"training.output_dir={tmp_path / 'gc'}")
+    for x, y in zip(train_rows(plain.history), train_rows(checkpointed.history), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+
+
+def test_merged_lora_export_loads_as_a_plain_model(base_config):
+    raw = copy.deepcopy(base_config)
+    raw["lora"] = {"enabled": True, "r": 4, "alpha": 8, "save": "merged"}
+    raw["training"]["learning_rate"] = 1e-2
+    result = run(raw)
+    final = result.run_dir / "final"
+    assert not (final / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_conversational_pairs_train_with_the_chat_template(base_config, tmp_path):
+    """Messages are rendered with the tokenizer's ChatML template; the first step is still log 2."""
+    data = tmp_path / "chat.jsonl"
+    rows = []
+    for i in range(12):
+        prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Review movie {i}."}]
+        rows.append({"chosen": prompt + [{"role": "assistant", "content": "A delight."}],
+                     "rejected": prompt + [{"role": "assistant", "content": f"Dull, number {i}."}]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = copy.deepcopy(base_config)
+    raw["data"].update(train_file=str(data), eval_fraction=0.0)
+    result = run(raw)
+    first = train_rows(result.history)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["logps/chosen"] < 0 and first["logps/rejected"] < first["logps/chosen"] - 1.0  # longer rejected

@@ -84,11 +84,11 @@ OBJECTIVES: dict[str, Objective] = {
         paper="Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment (EXO-pref, Eq. 16)",
     ),
     "aot": Objective(
-        "aot", aot_loss, AOTParams, needs_reference=True,
+        "aot", aot_loss, AOTParams, needs_reference=True, batch_level=True,
         paper="Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport (AOT paired)",
     ),
     "aot_unpaired": Objective(
-        "aot_unpaired", aot_unpaired_loss, AOTParams, needs_reference=True,
+        "aot_unpaired", aot_unpaired_loss, AOTParams, needs_reference=True, batch_level=True,
         paper="Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport "
         "(AOT unpaired)",
     ),

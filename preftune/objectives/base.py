@@ -117,6 +117,9 @@ class Objective:
     shapes: tuple[str, ...] = ("pairs",)
     # Whether the rejected completion enters the loss (False for SFT: the trainer may skip its forward).
     uses_rejected: bool = True
+    # Whether one example's loss depends on the rest of its micro-batch (AOT sorts the batch): gradient
+    # accumulation is then not equivalent to one larger batch.
+    batch_level: bool = False
 
 
 def check_positive(name: str, value: float) -> None:
