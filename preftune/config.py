@@ -189,6 +189,28 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def build_section(cls: type, values: dict, prefix: str = "") -> Any:
+    """Build any config dataclass from a mapping with the same checks as the main config (unknown keys,
+    typed values, error messages naming the dotted key). Commands with their own sections use this."""
+    return _build(cls, values, prefix)
+
+
+def load_yaml(path: str | Path, overrides: list[str] = ()) -> dict:
+    """A YAML file as a mapping with dotted overrides applied (values typed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value)
+    return raw
+
+
 def _split_objective(raw: dict) -> dict:
     """``objective: {name: dpo, beta: 0.1}`` -> ``{name: dpo, params: {beta: 0.1}}``."""
     raw = dict(raw or {})
@@ -238,14 +260,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML recipe, apply dotted overrides, check everything. Relative data paths resolve against
     the current directory first, then against the recipe's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = load_yaml(path)
     try:
         return config_from_dict(raw, overrides, base_dir=path.parent)
     except ConfigError as exc:
