@@ -61,6 +61,8 @@ class DataConfig:
     strict_truncation: bool = False  # a pair whose completion truncation empties is an error, not a drop
     max_errors_reported: int = 20
     chat_template: bool | None = None  # None: use it for conversational rows only
+    # Ranked lists (prompt, completions, scores|ranks) feeding an objective on pairs become pairs:
+    ranked_to_pairs: Literal["all_pairs", "best_vs_worst", "best_vs_each"] | None = None
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .aot import AOTParams, aot_loss, aot_unpaired_loss
 from .apo import APOParams, apo_down_loss, apo_zero_loss
-from .base import Objective, ObjectiveOutput, PairedLogps
+from .base import GroupLogps, Objective, ObjectiveOutput, PairedLogps
 from .cpo import CPOParams, cpo_loss
 from .discopop import DiscoPOPParams, discopop_loss
 from .dpo import DPOParams, dpo_loss
@@ -175,8 +175,16 @@ def _coerce_param(objective: str, key: str, value: object, default: object) -> o
     )
 
 
-def compute(objective: Objective, logps: PairedLogps, params: object, rpo_alpha: float = 0.0) -> ObjectiveOutput:
+def compute(
+    objective: Objective, logps: PairedLogps | GroupLogps, params: object, rpo_alpha: float = 0.0
+) -> ObjectiveOutput:
     """Check the inputs at the boundary, run the objective in fp32 or better, add the optional RPO NLL term."""
+    if isinstance(logps, GroupLogps):
+        required = objective.requires + (("reference_logps",) if objective.needs_reference else ())
+        logps.check(objective.name, required)
+        if rpo_alpha:
+            raise ValueError(f"rpo_alpha adds a chosen-completion NLL to paired objectives; {objective.name!r} is not one")
+        return objective.loss(logps.upcast(), params)
     # An objective that uses the rejected completion must get it: missing tensors are a ValueError naming
     # the field here, not a TypeError from inside the formula.
     logps.check(objective.name, objective.needs_reference, needs_rejected=objective.uses_rejected)
@@ -190,22 +198,33 @@ def compute(objective: Objective, logps: PairedLogps, params: object, rpo_alpha:
     return out
 
 
+def takes_groups(objective: Objective) -> bool:
+    """Objectives on pairs / completions take PairedLogps; every other data shape comes as GroupLogps."""
+    return not {"pairs", "completions"} & set(objective.shapes)
+
+
 def preference_loss(name: str, **kwargs: Tensor | float) -> ObjectiveOutput:
     """Compute objective ``name`` on log-prob tensors, with no model involved.
 
-    Tensor keywords are the fields of :class:`PairedLogps` (each ``(B,)``); every other keyword is one of
-    that objective's parameters (or ``rpo_alpha``). Returns per-example ``losses`` and detached rewards.
+    Tensor keywords are the fields of :class:`PairedLogps` (each ``(B,)``), or of :class:`GroupLogps` for
+    objectives on other data shapes (KTO, DRO, NPO, Plackett-Luce, ...); ``state`` passes running statistics;
+    every other keyword is one of that objective's parameters (or ``rpo_alpha``). Returns per-example
+    ``losses`` and detached rewards.
     """
     objective = get_objective(name)
-    tensor_fields = {f.name for f in dataclasses.fields(PairedLogps)}
+    container = GroupLogps if takes_groups(objective) else PairedLogps
+    tensor_fields = {f.name for f in dataclasses.fields(container)}
     tensors = {k: v for k, v in kwargs.items() if k in tensor_fields}
     values = {k: v for k, v in kwargs.items() if k not in tensor_fields}
     rpo_alpha = float(values.pop("rpo_alpha", 0.0))
-    if "policy_chosen_logps" not in tensors or "chosen_tokens" not in tensors:
-        raise ValueError(f"preference_loss({name!r}) needs policy_chosen_logps and chosen_tokens, each a (B,) tensor")
+    required = ("policy_logps", "tokens", "mask") if container is GroupLogps else ("policy_chosen_logps", "chosen_tokens")
+    missing = [field for field in required if field not in tensors]
+    if missing:
+        raise ValueError(f"preference_loss({name!r}) needs {', '.join(missing)} "
+                         f"({'(B, K) tensors' if container is GroupLogps else '(B,) tensors'})")
     params = make_params(name, values)
-    return compute(objective, PairedLogps(**tensors), params, rpo_alpha=rpo_alpha)
+    return compute(objective, container(**tensors), params, rpo_alpha=rpo_alpha)
 
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveOutput", "PairedLogps", "compute", "get_objective",
-           "make_params", "param_names", "preference_loss"]
+__all__ = ["OBJECTIVES", "GroupLogps", "Objective", "ObjectiveOutput", "PairedLogps", "compute", "get_objective",
+           "make_params", "param_names", "preference_loss", "takes_groups"]
