@@ -22,6 +22,7 @@ from torch import nn
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 WEIGHTS = "trainable.safetensors"
+STATE_TENSORS = "objective_state.safetensors"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -53,9 +54,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int | None
+    run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int | None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` ones. Returns its folder."""
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` ones. Returns its folder.
+    ``tensors``: extra named tensors (an objective's running statistics) restored by ``load_checkpoint``."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -66,6 +69,7 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
+    save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}, str(tmp / STATE_TENSORS))
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
     for file in tmp.iterdir():
         with open(file, "rb") as handle:
@@ -120,4 +124,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    tensors = path / STATE_TENSORS
+    state["tensors"] = load_file(str(tensors)) if tensors.is_file() else {}
+    return state

@@ -60,6 +60,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], bool]] = {
     "sft": ("supervised fine-tuning: the same loop with the NLL objective on prompt/completion data", run_train, True),
     "eval": ("held-out pair metrics (reward accuracy, margins, log-probs) of a trained or base model", run_eval, True),
     "demo": ("the embedded default: SmolLM2-135M-Instruct + DPO/LoRA on movie-review preference pairs", run_demo, False),
+    # imported when run: keeps `preftune --help` from loading transformers
+    "generate": ("sample K completions per prompt from a model or adapter (HF or vLLM) into resumable JSONL",
+                 lambda args: __import__("preftune.generate", fromlist=["command"]).command(args), True),
+    "label": ("judge generations into preference pairs, ranked lists or unpaired labels (AI feedback)",
+              lambda args: __import__("preftune.label", fromlist=["command"]).command(args), True),
 }
 TRAINING_COMMANDS = ("train", "sft", "eval", "demo")
 

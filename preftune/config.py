@@ -315,6 +315,11 @@ def validate(config: Config) -> None:
         make_params(objective.name, config.objective.params)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"config section 'objective': {exc}") from exc
+    if config.reference.precompute and objective.needs_live_reference:
+        raise ConfigError(
+            f"objective {objective.name!r} looks at the reference token by token or on rows built per batch, "
+            "but reference.precompute caches one sum per completion: set reference.precompute=false"
+        )
     if config.objective.rpo_alpha < 0:
         raise ConfigError(f"config key 'objective.rpo_alpha': must be >= 0, got {config.objective.rpo_alpha}")
 

@@ -57,8 +57,10 @@ def evaluate_model(config: Config) -> dict[str, float]:
         config.lora.enabled = False
         reference = build_reference(config, objective, policy, accelerator.autocast)
     wrapped = CompletionLogps(policy, chunk)
-    scorer = Scorer(lambda *a: _autocast_call(accelerator, wrapped, *a), reference, objective, params,
+    scorer = Scorer(lambda *a, **kw: _autocast_call(accelerator, wrapped, *a, **kw), reference, objective, params,
                     config.objective.rpo_alpha)
+    if objective.needs_live_reference and reference is not None:
+        scorer.token_reference = reference.token_level()
     order = sequential_batches(len(tokenized), config.training.eval_batch_size)
     loader = batches(tokenized, order, PairCollator(tokenizer.pad_token_id), accelerator.device)
     metrics = evaluate(scorer, tqdm(loader, total=len(order), desc="evaluating"), policy)
@@ -69,6 +71,6 @@ def evaluate_model(config: Config) -> dict[str, float]:
     return metrics
 
 
-def _autocast_call(accelerator: Accelerator, module: torch.nn.Module, *args):
+def _autocast_call(accelerator: Accelerator, module: torch.nn.Module, *args, **kwargs):
     with accelerator.autocast():
-        return module(*args)
+        return module(*args, **kwargs)

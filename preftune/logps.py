@@ -1,14 +1,19 @@
 """Model forward -> completion log-probs, without ever building the full ``[N, T, V]`` fp32 logits.
 
-The backbone runs once over chosen and rejected rows together; only the hidden states at positions that
-predict a completion token are projected to the vocabulary, in chunks, and each chunk's log-softmax runs
-in fp32. Under autograd each chunk is checkpointed, so only its ``[C, H]`` input is kept for backward and
-the ``[C, V]`` logits are recomputed there: peak memory is one chunk of logits, not the whole batch's.
+The backbone runs once over all rows of a batch (chosen and rejected together); only the hidden states at
+positions that predict a completion token are projected to the vocabulary, in chunks, and each chunk's
+log-softmax runs in fp32. Under autograd each chunk is checkpointed, so only its ``[C, H]`` input is kept
+for backward and the ``[C, V]`` logits are recomputed there: peak memory is one chunk of logits.
+
+Token-level objectives ask for more per position, computed in the same chunks: ``log Σ_v p_v²`` (WPO
+weights) and, given a live reference, ``KL(π_ref ‖ π_θ)`` over the vocabulary (TDPO).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -17,14 +22,34 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class SequenceLogps:
-    """Per-row sums over completion tokens. ``sums``/``counts`` are ``(N,)``; ``token_logps`` is ``(M,)`` with
-    ``rows``/``cols`` ``(M,)`` giving each token's row and position (M = completion tokens in the batch)."""
+    """Per-row sums over completion tokens: ``sums``/``counts`` ``(N,)``. Per token (M = completion tokens of
+    the batch, row-major): ``token_logps``, ``rows``, ``cols`` ``(M,)``; optional ``token_log_sum_sq``,
+    ``token_kl``, ``reference_token_logps`` ``(M,)`` and ``reference_sums`` ``(N,)``; ``prompt_hidden``
+    ``(N, H)``, the last hidden state before each completion (for value heads)."""
 
     sums: Tensor
     counts: Tensor
     token_logps: Tensor
     rows: Tensor
     cols: Tensor
+    token_log_sum_sq: Tensor | None = None
+    token_kl: Tensor | None = None
+    reference_token_logps: Tensor | None = None
+    reference_sums: Tensor | None = None
+    prompt_hidden: Tensor | None = None
+    values: Tensor | None = None  # (N,) value-head estimates V(x), when the wrapper has a value head
+
+    def padded(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token ``values (M,)`` -> ``(N, T)`` left-aligned (column j = j-th completion token) + mask."""
+        n_rows = self.counts.shape[0]
+        width = int(self.counts.max()) if n_rows else 0
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        position = torch.arange(values.shape[0], device=values.device) - starts[self.rows]
+        out = values.new_zeros(n_rows, width)
+        mask = torch.zeros(n_rows, width, dtype=torch.bool, device=values.device)
+        out[self.rows, position] = values
+        mask[self.rows, position] = True
+        return out, mask
 
 
 def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -39,54 +64,118 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def _logit_softcap(model: nn.Module) -> float | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "final_logit_softcapping", None) if config is not None else None
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(model, "config", None), "final_logit_softcapping", None)
 
 
-def _chunk_token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, softcap: float | None) -> Tensor:
-    """hidden ``(C, H)``, targets ``(C,)`` -> log p(target) ``(C,)`` in fp32."""
+def _logits(head: nn.Module, hidden: Tensor, softcap: float | None) -> Tensor:
     logits = head(hidden).float()
     if softcap:  # Gemma-2 style final logit soft-capping, applied by the model's own forward too
         logits = softcap * torch.tanh(logits / softcap)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logits
+
+
+def _chunk_stats(head, hidden, targets, softcap, want_sum_sq: bool, ref_logprobs: Tensor | None) -> Tensor:
+    """``(C, S)``: column 0 log p(target); then log Σ p² (if asked); then KL(π_ref ‖ π_θ) (if a reference)."""
+    logits = _logits(head, hidden, softcap)
+    logprobs = logits.log_softmax(dim=-1)
+    stats = [logprobs.gather(-1, targets[:, None]).squeeze(-1)]
+    if want_sum_sq:
+        stats.append(torch.logsumexp(2 * logprobs, dim=-1))
+    if ref_logprobs is not None:  # TDPO (Zeng et al. 2024, Eq. 13): sequential KL at each position
+        stats.append((ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1))
+    return torch.stack(stats, dim=-1)
+
+
+class TokenReference:
+    """A frozen reference seen token by token: its hidden states at the scored positions and its LM head.
+    ``disable`` is a context manager factory for references that are the policy with adapters off."""
+
+    def __init__(self, model: nn.Module, disable=None):
+        self.model, self.disable = model, disable
+        self.backbone, head = split_causal_lm(model)
+        self.head = getattr(head, "base_layer", head)  # a LoRA-wrapped head without its adapter
+        self.softcap = _logit_softcap(model)
+
+    @torch.no_grad()
+    def selected_hidden(self, input_ids: Tensor, attention_mask: Tensor, predicts: Tensor) -> Tensor:
+        with self.disable() if self.disable else contextlib.nullcontext():
+            return _selected_hidden(self.backbone, input_ids, attention_mask, predicts)[1]
+
+
+def _selected_hidden(backbone, input_ids, attention_mask, predicts):
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    rows, cols = predicts.nonzero(as_tuple=True)
+    return hidden, hidden[:, :-1][rows, cols], rows, cols
 
 
 def completion_logps(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, chunk_size: int = 1024
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, chunk_size: int = 1024,
+    *, sum_sq: bool = False, reference: TokenReference | None = None, prompt_hidden: bool = False,
 ) -> SequenceLogps:
     """Log-probs of the completion tokens of every row.
 
     input_ids, attention_mask ``(N, T)``; completion_mask ``(N, T)`` bool, True where a completion token sits.
-    Token t is predicted from the hidden state at t-1, so position 0 is never scored.
+    Token t is predicted from the hidden state at t-1, so position 0 is never scored. With ``reference``
+    (a frozen model sharing the tokenizer) its log-probs and the per-token KL are computed too.
     """
     backbone, head = split_causal_lm(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    predicts_completion = completion_mask[:, 1:]
-    rows, cols = predicts_completion.nonzero(as_tuple=True)
-    selected = hidden[:, :-1][rows, cols]  # (M, H): only positions whose next token is a completion token
+    predicts = completion_mask[:, 1:]
+    hidden, selected, rows, cols = _selected_hidden(backbone, input_ids, attention_mask, predicts)
     targets = input_ids[:, 1:][rows, cols]
-    softcap = _logit_softcap(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    pieces = []
+    ref_selected = reference.selected_hidden(input_ids, attention_mask, predicts) if reference is not None else None
+    softcap = _logit_softcap(model)
+    pieces, ref_pieces = [], []
     for start in range(0, selected.shape[0], chunk_size):
-        h, y = selected[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_chunk_token_logps, head, h, y, softcap, use_reentrant=False))
+        part = slice(start, start + chunk_size)
+        ref_logprobs = None
+        if ref_selected is not None:
+            with torch.no_grad():
+                ref_logprobs = _logits(reference.head, ref_selected[part], reference.softcap).log_softmax(-1)
+            ref_pieces.append(ref_logprobs.gather(-1, targets[part, None]).squeeze(-1))
+        args = (head, selected[part], targets[part], softcap, sum_sq, ref_logprobs)
+        if torch.is_grad_enabled() and selected.requires_grad:
+            pieces.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
         else:
-            pieces.append(_chunk_token_logps(head, h, y, softcap))
-    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
-    counts = predicts_completion.sum(dim=1)
-    return SequenceLogps(sums=sums, counts=counts, token_logps=token_logps, rows=rows, cols=cols + 1)
+            pieces.append(_chunk_stats(*args))
+    width = 1 + sum_sq + (reference is not None)
+    stats = torch.cat(pieces) if pieces else hidden.new_zeros(0, width, dtype=torch.float32)
+    n_rows = input_ids.shape[0]
+    out = SequenceLogps(
+        sums=_row_sums(stats[:, 0], rows, n_rows), counts=predicts.sum(dim=1), token_logps=stats[:, 0],
+        rows=rows, cols=cols + 1,
+        token_log_sum_sq=stats[:, 1] if sum_sq else None,
+        token_kl=stats[:, -1] if reference is not None else None,
+    )
+    if reference is not None:
+        out.reference_token_logps = torch.cat(ref_pieces) if ref_pieces else stats.new_zeros(0)
+        out.reference_sums = _row_sums(out.reference_token_logps, rows, n_rows)
+    if prompt_hidden:
+        last_prompt = completion_mask.float().argmax(dim=1) - 1  # the position predicting the first completion token
+        out.prompt_hidden = hidden[torch.arange(n_rows, device=hidden.device), last_prompt.clamp(min=0)]
+    return out
+
+
+def _row_sums(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    return torch.zeros(n_rows, dtype=torch.float32, device=values.device).index_add(0, rows, values)
 
 
 class CompletionLogps(nn.Module):
-    """Wraps a causal LM so one ``forward`` returns completion log-probs. Distributed wrappers (DDP, FSDP)
-    wrap this module, so gradient synchronisation sees the whole computation."""
+    """Wraps a causal LM (and an optional value head) so one ``forward`` returns completion log-probs.
+    Distributed wrappers (DDP, FSDP) wrap this module, so gradient synchronisation sees all of it."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, value_head: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.value_head = value_head
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> SequenceLogps:
-        return completion_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, *, sum_sq: bool = False,
+                reference: TokenReference | None = None) -> SequenceLogps:
+        out = completion_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
+                               sum_sq=sum_sq, reference=reference, prompt_hidden=self.value_head is not None)
+        if self.value_head is not None:
+            # V(x) reads the policy's features without pushing the value loss into the policy (DRO trains
+            # policy and value with separate gradients, Richemond et al. 2024, Eq. 10)
+            out.values = self.value_head(out.prompt_hidden.detach().float()).squeeze(-1)
+        return out

@@ -86,7 +86,8 @@ def precompute_reference(
     key = cache_key(weights_digest(model), content_hash(examples), f"{config.training.precision}|{config.model.dtype}")
     cache_file = Path(config.reference.cache_dir).expanduser() / f"{key}.safetensors"
     size = max(ex.index for ex in examples) + 1
+    slots = max(len(getattr(ex, "completions", (0, 0))) for ex in examples)
     order = sequential_batches(len(examples), config.training.eval_batch_size)
-    return precompute(reference, batches(examples, order, collator, device), size, cache_file,
+    return precompute(reference, batches(examples, order, collator, device), size, slots, cache_file,
                       covered=[ex.index for ex in examples],
                       progress=lambda it: progress(it, total=len(order), desc=f"reference log-probs ({split})"))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .logps import completion_logps
+from .logps import TokenReference, completion_logps
 
 log = logging.getLogger("preftune")
 Batch = dict[str, Tensor]
@@ -39,6 +39,10 @@ class ModelReference:
     def release(self) -> None:
         self.model = None
 
+    def token_level(self) -> TokenReference:
+        """This reference seen position by position (token-level objectives)."""
+        return TokenReference(self.model)
+
 
 class AdapterOffReference(ModelReference):
     """The policy itself with its LoRA adapters disabled: the starting model, with no second copy in memory."""
@@ -56,16 +60,29 @@ class AdapterOffReference(ModelReference):
     def release(self) -> None:
         self.model = None  # the policy lives on; only this handle goes
 
+    def token_level(self) -> TokenReference:
+        return TokenReference(self.model, disable=self.model.disable_adapter)
+
+
+def row_layout(batch: Batch) -> tuple[Tensor, Tensor]:
+    """(example, slot) of every row; collators without explicit layout put slot k of all examples together."""
+    if "row_example" in batch:
+        return batch["row_example"], batch["row_slot"]
+    n_rows, n_examples = batch["input_ids"].shape[0], batch["index"].shape[0]
+    rows = torch.arange(n_rows, device=batch["input_ids"].device)
+    return rows % n_examples, rows // n_examples
+
 
 class CachedReference:
-    """Reference log-probs computed once for every example of a split, looked up by example index."""
+    """Reference log-probs computed once for every completion of a split, looked up by (example, slot)."""
 
     def __init__(self, table: Tensor):
-        self.table = table  # (n, 2): chosen, rejected per example index
+        self.table = table  # (n, K): slot k of example index i
 
     def __call__(self, batch: Batch) -> Tensor:
-        rows = self.table[batch["index"].cpu()]
-        return torch.cat([rows[:, 0], rows[:, 1]]).to(batch["input_ids"].device)
+        example, slot = row_layout(batch)
+        index = batch["index"][example].cpu()
+        return self.table[index, slot.cpu()].to(batch["input_ids"].device)
 
     def release(self) -> None:
         pass
@@ -88,26 +105,26 @@ def cache_key(weights: str, data_hash: str, chunk_precision: str) -> str:
 
 
 def precompute(
-    reference: ModelReference, batches: Iterable[Batch], size: int, cache_file: Path, covered: list[int],
-    progress: Callable | None = None,
+    reference: ModelReference, batches: Iterable[Batch], size: int, slots: int, cache_file: Path,
+    covered: list[int], progress: Callable | None = None,
 ) -> CachedReference:
-    """Run ``reference`` over every batch once and cache the ``(size, 2)`` table at ``cache_file``.
+    """Run ``reference`` over every batch once and cache the ``(size, slots)`` table at ``cache_file``
+    (NaN where an example has fewer completions).
 
     A table already at ``cache_file`` is reused: its key covers the reference weights, the tokenized data
     (so tokenizer, text and truncation settings) and the precision.
     """
     if cache_file.is_file():
         table = load_file(str(cache_file))["reference_logps"]
-        if table.shape == (size, 2):
+        if table.shape[0] == size:
             log.info("reusing cached reference log-probs %s", cache_file)
             return CachedReference(table)
-    table = torch.full((size, 2), float("nan"))
+    table = torch.full((size, slots), float("nan"))
     iterator = progress(batches) if progress else batches
     for batch in iterator:
-        sums = reference(batch).float().cpu()
-        half = sums.shape[0] // 2
-        table[batch["index"].cpu()] = torch.stack([sums[:half], sums[half:]], dim=1)
-    if torch.isnan(table[covered]).any():
+        example, slot = row_layout(batch)
+        table[batch["index"][example].cpu(), slot.cpu()] = reference(batch).float().cpu()
+    if torch.isnan(table[covered, 0]).any():
         raise RuntimeError("reference precomputation did not cover every example; this is a bug in the batching")
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")

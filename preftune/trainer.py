@@ -84,6 +84,17 @@ def make_accelerator(precision: str) -> Accelerator:
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", step_scheduler_with_optimizer=False)
 
 
+def _value_head(policy: torch.nn.Module) -> torch.nn.Module:
+    """A scalar value head V(x) on the policy's last prompt hidden state (DRO), zero-initialised so that
+    training starts from V = 0."""
+    config = policy.get_base_model().config if hasattr(policy, "get_base_model") else policy.config
+    hidden = config.get_text_config().hidden_size
+    head = torch.nn.Linear(hidden, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head.to(next(policy.parameters()).device)
+
+
 def shape_for(command: str, objective) -> str:
     shape = "completions" if command == "sft" else "pairs"
     if shape not in objective.shapes:
@@ -156,21 +167,26 @@ class _Run:
             log.warning("objective %r compares examples within a micro-batch: with gradient accumulation its "
                         "loss is that of %d batches of %d, not of one batch of %d", objective.name,
                         t.gradient_accumulation_steps, t.batch_size, t.batch_size * t.gradient_accumulation_steps)
+        value_head = _value_head(policy) if objective.needs_value else None
+        wrapped = CompletionLogps(policy, t.logps_chunk_size, value_head)
         optimizer = torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay,
+            [p for p in wrapped.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay,
             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
         )
         warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.total_steps)
         scheduler = get_scheduler(SCHEDULERS[t.lr_scheduler], optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.total_steps)
-        wrapped = CompletionLogps(policy, t.logps_chunk_size)
         self.wrapped, self.optimizer, self.scheduler = accelerator.prepare(wrapped, optimizer, scheduler)
         reference = build_reference(config, objective, policy, accelerator.autocast)
         self.train_reference = self.eval_reference = reference
         if reference is not None and config.reference.precompute:
             self._precompute(reference)
-        self.scorer = Scorer(self.wrapped, self.train_reference, objective, params, config.objective.rpo_alpha)
-        self.eval_scorer = Scorer(self.wrapped, self.eval_reference, objective, params, config.objective.rpo_alpha)
+        token_reference = reference.token_level() if objective.needs_live_reference else None
+        self.scorer = Scorer(self.wrapped, self.train_reference, objective, params, config.objective.rpo_alpha,
+                             token_reference)
+        self.eval_scorer = Scorer(self.wrapped, self.eval_reference, objective, params, config.objective.rpo_alpha,
+                                  token_reference)
+        self.state: dict[str, torch.Tensor] = {}  # the objective's running statistics (β-DPO, BCO)
 
     def _progress(self, iterable, total, desc):
         disable = not self.config.training.progress_bar or not self.accelerator.is_main_process
@@ -192,12 +208,12 @@ class _Run:
             return None
         order = sequential_batches(len(self.data.eval), self.config.training.eval_batch_size)
         loader = batches(self.data.eval, order, self.collator, self.accelerator.device)
-        return evaluate(self.eval_scorer, self._progress(loader, len(order), "evaluating"), self.wrapped)
+        return evaluate(self.eval_scorer, self._progress(loader, len(order), "evaluating"), self.wrapped, self.state)
 
     def _save(self, step: int) -> Path:
         state = {"epoch": self.schedule.epoch_of(step), "total_steps": self.total_steps}
-        path = save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.wrapped).model,
-                               self.optimizer, self.scheduler, state, self.config.training.save_total_limit)
+        path = save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.wrapped), self.optimizer,
+                               self.scheduler, state, self.config.training.save_total_limit, tensors=self.state)
         log.info("checkpoint written: %s", path)
         return path
 
@@ -206,8 +222,9 @@ class _Run:
         resume_from = _resume_point(self.config, self.run_dir)
         start = 0
         if resume_from is not None:
-            start = load_checkpoint(resume_from, self.accelerator.unwrap_model(self.wrapped).model,
-                                    self.optimizer, self.scheduler)["step"]
+            restored = load_checkpoint(resume_from, self.accelerator.unwrap_model(self.wrapped),
+                                       self.optimizer, self.scheduler)
+            start, self.state = restored["step"], restored["tensors"]
             log.info("resumed from %s at step %d of %d", resume_from, start, self.total_steps)
         writer = MetricsWriter(self.run_dir, start if resume_from else None, t.tensorboard)
         eval_before = None
@@ -271,12 +288,13 @@ class _Run:
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
             with sync:
-                out, logps = self.scorer(batch)
+                out, logps = self.scorer(batch, self.state)
                 loss = out.losses.sum() * weight
                 if not finite(loss):
                     raise NonFiniteLossError(self._nonfinite_message(step, "loss", float(loss.detach())))
                 self.accelerator.backward(loss)
             add_batch_statistics(stats, out, logps)
+            self.state = {**self.state, **out.state}
             tokens += int(batch["attention_mask"].sum())
         max_norm = self.config.training.max_grad_norm or float("inf")
         grad_norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), max_norm)

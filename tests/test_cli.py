@@ -81,9 +81,11 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_resumes(tmp_path, base_config)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = Path(base_config["training"]["output_dir"]) / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.2)
+    assert len(metrics.read_text().splitlines()) >= 4, "training did not start within 300 s"
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out

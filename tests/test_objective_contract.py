@@ -3,6 +3,9 @@
 It checks what the trainer relies on without knowing any objective's name: shapes, detached rewards, 0-d
 metrics, finite gradients, fp32-or-better results from bf16 inputs, boundary errors that name the field or
 list the valid choices, and the declared traits (``needs_reference``, ``uses_rejected``, ``paper``).
+Objectives on pairs/completions get PairedLogps; the others get GroupLogps built from their traits by
+``group_inputs`` (slot count by data shape, the fields in ``requires``). Stateful objectives are called twice,
+the second time with the state the first returned.
 """
 
 from __future__ import annotations
@@ -12,7 +15,15 @@ import dataclasses
 import pytest
 import torch
 
-from preftune.objectives import OBJECTIVES, get_objective, make_params, param_names, preference_loss
+from preftune.objectives import (
+    OBJECTIVES,
+    GroupLogps,
+    get_objective,
+    make_params,
+    param_names,
+    preference_loss,
+    takes_groups,
+)
 
 BATCH = 4
 POLICY_FIELDS = ("policy_chosen_logps", "policy_rejected_logps")
@@ -91,7 +102,13 @@ def _check_declaration(name: str) -> None:
     objective = get_objective(name)
     assert objective.name == name
     assert objective.paper.strip(), f"{name} must cite its paper"
-    assert set(objective.shapes) <= {"pairs", "completions"}
+    if takes_groups(objective):
+        assert set(objective.shapes) <= set(GROUP_SLOTS), f"{name}: unknown data shape in {objective.shapes}"
+        assert set(objective.requires) <= GROUP_FIELDS, f"{name}: requires fields GroupLogps does not have"
+        assert objective.needs_value == ("values" in objective.requires)
+    else:
+        assert set(objective.shapes) <= {"pairs", "completions"}
+        assert not objective.requires, "requires lists GroupLogps fields; paired objectives take PairedLogps"
     assert dataclasses.is_dataclass(objective.params)
     for f in dataclasses.fields(objective.params):
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
@@ -117,7 +134,7 @@ def _check_completions_only(name: str) -> None:
     assert torch.isfinite(out.losses).all()
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(n for n, o in OBJECTIVES.items() if not takes_groups(o)))
 def test_objective_contract(name):
     objective = get_objective(name)
     inputs = random_inputs(0, reference=objective.needs_reference)
@@ -125,10 +142,131 @@ def test_objective_contract(name):
     _check_outputs(name, inputs)
     _check_bf16(name, objective.needs_reference)
     _check_boundary_errors(name, inputs, objective.needs_reference)
+    _check_state(name, inputs, random_inputs(5, reference=objective.needs_reference))
     if not objective.needs_reference:
         _check_reference_free(name)
     if "completions" in objective.shapes:
         _check_completions_only(name)
+
+
+# ------------------------------------------------------------------------- objectives on other data shapes
+
+# Completion slots per example by data shape: unpaired/scored/negatives [completion]; ranked [best..worst];
+# negatives_with_samples [rejected, sample_1..sample_K].
+GROUP_SLOTS = {"unpaired": 1, "scored": 1, "negatives": 1, "ranked": 4, "negatives_with_samples": 4}
+GROUP_FIELDS = {f.name for f in dataclasses.fields(GroupLogps)} - {"policy_logps", "tokens", "mask", "state"}
+
+
+def group_inputs(name: str, seed: int = 0, reference: bool = True, dtype: torch.dtype = torch.float32) -> dict:
+    """Valid GroupLogps tensors for objective ``name``: (B, K) log-probs in [-50, -1], K from its data shape.
+
+    Lists longer than one completion get a ragged last example (its last slot absent: log-prob 0, token count 1,
+    as the collator pads), so every objective on lists is checked with a mask. ``requires`` fields are added:
+    labels alternate True/False, scores U(-1, 1), values N(0, 1), the mismatched-pair log-probs like the others.
+    """
+    objective = get_objective(name)
+    slots = GROUP_SLOTS[objective.shapes[0]]
+    gen = torch.Generator().manual_seed(seed)
+
+    def logps(*shape: int) -> torch.Tensor:
+        return (-1 - 49 * torch.rand(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+    mask = torch.ones(BATCH, slots, dtype=torch.bool)
+    if slots > 2:
+        mask[-1, -1] = False
+    inputs = {
+        "policy_logps": logps(BATCH, slots).masked_fill(~mask, 0.0),
+        "tokens": torch.randint(1, 41, (BATCH, slots), generator=gen).masked_fill(~mask, 1),
+        "mask": mask,
+    }
+    if reference:
+        inputs["reference_logps"] = logps(BATCH, slots).masked_fill(~mask, 0.0)
+    for key in objective.requires:
+        if key == "labels":
+            inputs[key] = torch.arange(BATCH) % 2 == 0
+        elif key == "scores":
+            inputs[key] = (2 * torch.rand(BATCH, slots, generator=gen, dtype=torch.float64) - 1).to(dtype)
+        elif key == "values":
+            inputs[key] = torch.randn(BATCH, generator=gen, dtype=torch.float64).to(dtype)
+        else:  # policy_kl_logps, reference_kl_logps
+            inputs[key] = logps(BATCH)
+    return inputs
+
+
+def _check_group_outputs(name: str, inputs: dict) -> None:
+    objective = get_objective(name)
+    trainable = ["policy_logps"] + (["values"] if objective.needs_value else [])
+    leaves = {k: inputs[k].clone().requires_grad_(True) for k in trainable}
+    out = preference_loss(name, **{**inputs, **leaves})
+    assert out.losses.shape == (BATCH,)
+    assert torch.isfinite(out.losses).all()
+    for rewards in (out.chosen_rewards, out.rejected_rewards):
+        assert rewards.shape == (BATCH,)
+        assert not rewards.requires_grad, "rewards must be detached"
+        assert not torch.isinf(rewards).any(), "rewards are finite, or NaN where an example has none"
+    assert (~out.chosen_rewards.isnan() | ~out.rejected_rewards.isnan()).all(), "every example has a reward"
+    for key, value in out.metrics.items():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0, f"metric {key} must be a 0-d tensor"
+        assert not value.requires_grad, f"metric {key} must be detached"
+    out.losses.sum().backward()
+    for key, leaf in leaves.items():
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all(), f"{key} must get a finite gradient"
+    absent = ~inputs["mask"]
+    assert not leaves["policy_logps"].grad[absent].any(), "an absent completion must get no gradient"
+    for key in ("reference_logps", "reference_kl_logps"):  # the reference is frozen
+        assert key not in inputs or inputs[key].grad is None
+
+
+def _check_group_bf16(name: str, needs_reference: bool) -> None:
+    out = preference_loss(name, **group_inputs(name, 1, reference=needs_reference, dtype=torch.bfloat16))
+    for tensor in (out.losses, out.chosen_rewards, out.rejected_rewards):
+        assert tensor.dtype in (torch.float32, torch.float64), f"{name} computed in {tensor.dtype}"
+    assert torch.isfinite(out.losses).all()
+
+
+def _check_group_boundary_errors(name: str, inputs: dict, needs_reference: bool) -> None:
+    for key, value in inputs.items():
+        for bad in (value[:-1], value.unsqueeze(1)):
+            with pytest.raises(ValueError, match=key):
+                preference_loss(name, **{**inputs, key: bad})
+    required = list(get_objective(name).requires) + (["reference_logps"] if needs_reference else [])
+    for key in required:
+        with pytest.raises(ValueError, match=key):
+            preference_loss(name, **{k: v for k, v in inputs.items() if k != key})
+    with pytest.raises(ValueError, match="not_a_parameter") as info:
+        preference_loss(name, **inputs, not_a_parameter=1.0)
+    for valid in param_names(get_objective(name)):
+        assert valid in str(info.value), f"the error should list {valid}: {info.value}"
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        preference_loss(name, **inputs, rpo_alpha=0.1)
+
+
+def _check_state(name: str, first: dict, second: dict) -> None:
+    """Running statistics come back detached and finite; fed into the next call they give the same keys."""
+    out = preference_loss(name, **first)
+    if not out.state:
+        return
+    for key, value in out.state.items():
+        assert isinstance(value, torch.Tensor) and not value.requires_grad, f"state {key} must be a detached tensor"
+        assert torch.isfinite(value.double()).all(), f"state {key} must be finite"
+    again = preference_loss(name, **second, state=out.state)
+    assert torch.isfinite(again.losses).all()
+    assert set(again.state) == set(out.state)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, o in OBJECTIVES.items() if takes_groups(o)))
+def test_group_objective_contract(name):
+    objective = get_objective(name)
+    inputs = group_inputs(name, 0, reference=objective.needs_reference)
+    _check_declaration(name)
+    _check_group_outputs(name, inputs)
+    _check_group_bf16(name, objective.needs_reference)
+    _check_group_boundary_errors(name, inputs, objective.needs_reference)
+    _check_state(name, inputs, group_inputs(name, 5, reference=objective.needs_reference))
+    if not objective.needs_reference:
+        with_ref = preference_loss(name, **group_inputs(name, 2, reference=True))
+        without_ref = preference_loss(name, **group_inputs(name, 2, reference=False))
+        torch.testing.assert_close(with_ref.losses, without_ref.losses, rtol=0, atol=0)
 
 
 def test_unknown_objective_lists_valid_names():

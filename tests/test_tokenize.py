@@ -245,7 +245,7 @@ def test_prompt_keeps_bos_and_its_end_completion_keeps_its_start():
     words = word_tokenizer()
     tokenized, summary = tokenize_examples([pair()], words, DataConfig(max_length=6, max_prompt_length=3))
     # prompt: BOS + last 2 tokens; room = 6 - 3 = 3 tokens for each completion
-    assert tokenized == [TokenizedExample(0, [0, 14, 15], [21, 22, 23], [31, 1])]
+    assert tokenized == [TokenizedExample(0, [0, 14, 15], [[21, 22, 23], [31, 1]])]
     assert (summary.examples, summary.prompts_truncated, summary.completions_truncated, summary.dropped) == (1, 1, 1, [])
     assert summary.describe() == (
         "tokenized 1 pair: 1 prompt truncated to 3 tokens (kept their end), 1 completion truncated (kept their start)"
@@ -255,17 +255,17 @@ def test_prompt_keeps_bos_and_its_end_completion_keeps_its_start():
 def test_prompt_without_bos_keeps_its_last_tokens():
     tokenized, _ = tokenize_examples([pair()], word_tokenizer(add_bos=False), DataConfig(max_length=5, max_prompt_length=3))
     # room = 5 - 3 = 2
-    assert tokenized == [TokenizedExample(0, [13, 14, 15], [21, 22], [31, 1])]
+    assert tokenized == [TokenizedExample(0, [13, 14, 15], [[21, 22], [31, 1]])]
 
 
 def test_prompt_limit_of_one_keeps_only_the_bos():
     tokenized, _ = tokenize_examples([pair()], word_tokenizer(), DataConfig(max_length=3, max_prompt_length=1))
-    assert tokenized == [TokenizedExample(0, [0], [21, 22], [31, 1])]
+    assert tokenized == [TokenizedExample(0, [0], [[21, 22], [31, 1]])]
 
 
 def test_no_truncation_within_limits():
     tokenized, summary = tokenize_examples([pair()], word_tokenizer(), DataConfig(max_length=11, max_prompt_length=6))
-    assert tokenized == [TokenizedExample(0, [0, 11, 12, 13, 14, 15], [21, 22, 23, 24, 1], [31, 1])]
+    assert tokenized == [TokenizedExample(0, [0, 11, 12, 13, 14, 15], [[21, 22, 23, 24, 1], [31, 1]])]
     assert summary.describe() == "tokenized 1 pair: nothing truncated"
 
 
@@ -278,8 +278,8 @@ def test_pairs_without_room_are_dropped_and_named_and_indices_stay_stable():
     ]
     tokenized, summary = tokenize_examples(examples, word_tokenizer(), DataConfig(max_length=5, max_prompt_length=None))
     assert tokenized == [
-        TokenizedExample(0, [0, 11], [21, 1], [31, 1]),
-        TokenizedExample(3, [0, 11, 12], [21, 22], [31, 1]),
+        TokenizedExample(0, [0, 11], [[21, 1], [31, 1]]),
+        TokenizedExample(3, [0, 11, 12], [[21, 22], [31, 1]]),
     ]
     assert summary.dropped == ["f:2", "f:3"]
     assert summary.describe() == (
@@ -300,7 +300,7 @@ def test_strict_truncation_turns_a_drop_into_an_error():
 def test_completions_shape():
     examples = [CompletionExample("f:1", "p1 p2 p3", "c1 c2 c3"), CompletionExample("f:2", "p1", "c1")]
     tokenized, summary = tokenize_examples(examples, word_tokenizer(), DataConfig(max_length=6, max_prompt_length=2))
-    assert tokenized == [TokenizedExample(0, [0, 13], [21, 22, 23, 1], None), TokenizedExample(1, [0, 11], [21, 1], None)]
+    assert tokenized == [TokenizedExample(0, [0, 13], [[21, 22, 23, 1]]), TokenizedExample(1, [0, 11], [[21, 1]])]
     assert summary.describe() == "tokenized 2 examples: 1 prompt truncated to 2 tokens (kept their end)"
 
 
@@ -308,15 +308,15 @@ def test_completions_shape():
 
 
 def test_content_hash_changes_with_any_id_index_or_boundary():
-    base = [TokenizedExample(0, [0, 5], [6, 1], [7, 1]), TokenizedExample(1, [0], [8, 1], [9, 1])]
+    base = [TokenizedExample(0, [0, 5], [[6, 1], [7, 1]]), TokenizedExample(1, [0], [[8, 1], [9, 1]])]
     digest = content_hash(base)
     assert len(digest) == 64 and int(digest, 16) >= 0
-    assert content_hash([TokenizedExample(0, [0, 5], [6, 1], [7, 1]), TokenizedExample(1, [0], [8, 1], [9, 1])]) == digest
+    assert content_hash([TokenizedExample(0, [0, 5], [[6, 1], [7, 1]]), TokenizedExample(1, [0], [[8, 1], [9, 1]])]) == digest
     variants = [
-        [base[0], TokenizedExample(1, [0], [8, 1], [9, 2])],  # one id
-        [base[0], TokenizedExample(2, [0], [8, 1], [9, 1])],  # an index
-        [base[0], TokenizedExample(1, [0, 8], [1], [9, 1])],  # the prompt/completion boundary
-        [base[0], TokenizedExample(1, [0], [8, 1, 9, 1], None)],  # pair vs single completion
+        [base[0], TokenizedExample(1, [0], [[8, 1], [9, 2]])],  # one id
+        [base[0], TokenizedExample(2, [0], [[8, 1], [9, 1]])],  # an index
+        [base[0], TokenizedExample(1, [0, 8], [[1], [9, 1]])],  # the prompt/completion boundary
+        [base[0], TokenizedExample(1, [0], [[8, 1, 9, 1]])],  # pair vs single completion
         [base[1], base[0]],  # order
         base[:1],
     ]

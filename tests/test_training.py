@@ -175,8 +175,8 @@ def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(base
     original = step_module.Scorer.__call__
     calls = {"n": 0}
 
-    def poisoned(self, batch):
-        out, logps = original(self, batch)
+    def poisoned(self, batch, state=None):
+        out, logps = original(self, batch, state)
         if self.policy is not None and torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == 3:

@@ -1,43 +1,86 @@
-"""Tokenized examples -> a right-padded batch with a mask of the positions that hold completion tokens.
+"""Tokenized examples of one data shape -> a right-padded batch, one row per (example, completion slot).
 
-Chosen and rejected sequences are stacked into one batch (chosen rows first) so that both go through
-the model in a single forward; the loss reads only the positions ``completion_mask`` marks.
+Rows are slot-major: every example's slot-0 row (in batch order), then every slot-1 row, and so on, so that
+all completions go through the model in one forward and pairs keep their layout (rows 0..B-1 chosen,
+B..2B-1 rejected). ``row_example`` / ``row_slot`` say where each row belongs, so that objectives on lists
+of any length can scatter the rows' log-probs into ``(B, K)``. The loss reads only ``completion_mask``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .tokenize import TokenizedExample
+from .tokenized import TokenizedExample
+
+# (fewest, most) completions per example; None: no upper bound.
+SLOT_COUNTS = {
+    "pairs": (2, 2), "completions": (1, 1), "unpaired": (1, 1), "scored": (1, 1), "negatives": (1, 1),
+    "ranked": (2, None), "negatives_with_samples": (2, None),
+}
 
 
-class PairCollator:
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+def _check(examples: list[TokenizedExample], shape: str) -> None:
+    fewest, most = SLOT_COUNTS[shape]
+    for e in examples:
+        n = len(e.completions)
+        if n < fewest or (most is not None and n > most):
+            wanted = str(fewest) if fewest == most else f"at least {fewest}"
+            raise ValueError(f"example {e.index}: {shape} data has {wanted} completions per example, got {n}")
+        if shape == "unpaired" and e.label is None:
+            raise ValueError(f"example {e.index}: unpaired data needs a label, got None")
+        if shape in ("scored", "ranked") and (e.scores is None or len(e.scores) != n):
+            raise ValueError(f"example {e.index}: {shape} data needs one score per completion ({n}), got {e.scores}")
+
+
+class Collator:
+    def __init__(self, pad_token_id: int, shape: str, pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: give the tokenizer a pad token (its EOS works: padding is masked)")
         if pad_to_multiple_of is not None and pad_to_multiple_of <= 0:
             raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of}")
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
+        if shape not in SLOT_COUNTS:
+            raise ValueError(f"shape must be one of {', '.join(SLOT_COUNTS)}, got {shape!r}")
+        self.pad_token_id, self.shape, self.pad_to_multiple_of = pad_token_id, shape, pad_to_multiple_of
+
+    def _shape_of(self, examples: list[TokenizedExample]) -> str:
+        return self.shape
 
     def __call__(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
-        """Pairs -> ``input_ids`` (2B, T) long, ``attention_mask`` (2B, T) long, ``completion_mask`` (2B, T)
-        bool, ``index`` (B,) long. Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, in the
-        examples' order. Completions (``rejected_ids is None``) -> the same keys with B rows."""
+        """``input_ids`` (N, T) long, ``attention_mask`` (N, T) long, ``completion_mask`` (N, T) bool, right
+        padding; ``index`` (B,) long; ``row_example`` (N,) long and ``row_slot`` (N,) long: the example and
+        slot of each row; ``num_slots`` 0-d long K, the most slots any example has. An example with fewer
+        than K completions has no row for its missing slots.
+
+        unpaired: slot 1 holds the mismatched rows KTO (Ethayarajh et al. 2024) estimates its KL reference
+        point from: the prompt of example b with the completion of example (b+1) % B, cut so that no such
+        row is longer than the batch's longest real row; with B == 1 there is none and K is 1.
+        ``labels`` (B,) bool.
+        scored / ranked: ``scores`` (B, K) float32, NaN where an example has no completion.
+        """
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        paired = [e.rejected_ids is not None for e in examples]
-        if any(paired) and not all(paired):
-            raise ValueError("a batch mixes pairs and single completions; collate them separately")
-        completions = [e.chosen_ids for e in examples]
-        prompts = [e.prompt_ids for e in examples]
-        if all(paired):
-            completions += [e.rejected_ids for e in examples]
-            prompts += prompts
-        return {
-            **self._pad(prompts, completions),
+        shape = self._shape_of(examples)
+        _check(examples, shape)
+        slots = [list(e.completions) for e in examples]
+        if shape == "unpaired":
+            slots = _with_mismatched(examples)
+        num_slots = max(len(s) for s in slots)
+        rows = [(b, s) for s in range(num_slots) for b in range(len(examples)) if s < len(slots[b])]
+        batch = {
+            **self._pad([examples[b].prompt_ids for b, _ in rows], [slots[b][s] for b, s in rows]),
             "index": torch.tensor([e.index for e in examples], dtype=torch.long),
+            "row_example": torch.tensor([b for b, _ in rows], dtype=torch.long),
+            "row_slot": torch.tensor([s for _, s in rows], dtype=torch.long),
+            "num_slots": torch.tensor(num_slots, dtype=torch.long),
         }
+        if shape == "unpaired":
+            batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+        if shape in ("scored", "ranked"):
+            scores = torch.full((len(examples), num_slots), float("nan"), dtype=torch.float32)
+            for b, e in enumerate(examples):
+                scores[b, : len(e.scores)] = torch.tensor(e.scores, dtype=torch.float32)
+            batch["scores"] = scores
+        return batch
 
     def _pad(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
         length = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
@@ -53,3 +96,30 @@ class PairCollator:
             attention_mask[row, :end] = 1
             completion_mask[row, len(prompt) : end] = True
         return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def _with_mismatched(examples: list[TokenizedExample]) -> list[list[list[int]]]:
+    """[own completion, completion of the next example] per example. The borrowed completion is cut to fit
+    the longest real row, so the KL rows never make the batch longer (or use more memory) than it was."""
+    if len(examples) == 1:
+        return [list(examples[0].completions)]
+    longest = max(len(e.prompt_ids) + len(e.completions[0]) for e in examples)
+    following = examples[1:] + examples[:1]
+    return [[e.completions[0], after.completions[0][: longest - len(e.prompt_ids)]]
+            for e, after in zip(examples, following, strict=True)]
+
+
+class PairCollator(Collator):
+    """``Collator(pad_token_id, "pairs")`` that also takes a batch of single completions (SFT), as the
+    collator before ``Collator`` did; kept until its callers name their shape."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        super().__init__(pad_token_id, "pairs", pad_to_multiple_of)
+
+    def _shape_of(self, examples: list[TokenizedExample]) -> str:
+        counts = {len(e.completions) for e in examples}
+        if counts == {1}:
+            return "completions"
+        if 1 in counts:
+            raise ValueError("a batch mixes pairs and single completions; collate them separately")
+        return "pairs"

@@ -11,22 +11,30 @@ from torch import Tensor
 from .aot import AOTParams, aot_loss, aot_unpaired_loss
 from .apo import APOParams, apo_down_loss, apo_zero_loss
 from .base import GroupLogps, Objective, ObjectiveOutput, PairedLogps
+from .bco import BCOParams, bco_loss
+from .beta_dpo import BetaDPOParams, beta_dpo_loss
 from .cpo import CPOParams, cpo_loss
+from .d2o import D2OParams, d2o_loss
 from .discopop import DiscoPOPParams, discopop_loss
 from .dpo import DPOParams, dpo_loss
 from .dpo_norm import DPONormParams, dpo_norm_loss
 from .dpop import DPOPParams, dpop_loss
+from .dro import DROParams, dro_loss
 from .exo import EXOParams, exo_loss
 from .gpo import GPOParams, gpo_loss
 from .hinge import HingeParams, hinge_loss
 from .ipo import IPOParams, ipo_loss
+from .kto import KTOParams, kto_loss
 from .nca import NCAParams, nca_loss
+from .npo import NPOParams, npo_loss
 from .orpo import ORPOParams, orpo_loss
+from .plackett_luce import PlackettLuceParams, plackett_luce_loss
 from .robust import RobustParams, robust_loss
 from .sft import SFTParams, sft_loss
 from .simpo import SimPOParams, simpo_loss
 from .slic import SLiCParams, slic_loss
 from .sppo_hard import SPPOHardParams, sppo_hard_loss
+from .unlikelihood import UnlikelihoodParams, unlikelihood_loss
 
 OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective(
@@ -118,6 +126,46 @@ OBJECTIVES: dict[str, Objective] = {
     "slic": Objective(
         "slic", slic_loss, SLiCParams, needs_reference=False,
         paper="Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback (Eq. 2)",
+    ),
+    "kto": Objective(
+        "kto", kto_loss, KTOParams, needs_reference=True, shapes=("unpaired",), batch_level=True,
+        requires=("labels", "policy_kl_logps", "reference_kl_logps"),
+        paper="Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (Eq. 8)",
+    ),
+    "bco": Objective(
+        "bco", bco_loss, BCOParams, needs_reference=True, batch_level=True,
+        paper="Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment "
+        "(paired, running-mean reward shift δ)",
+    ),
+    "beta_dpo": Objective(
+        "beta_dpo", beta_dpo_loss, BetaDPOParams, needs_reference=True, batch_level=True,
+        paper="Wu et al. 2024, β-DPO: Direct Preference Optimization with Dynamic β (Eq. 6-7, margin filter "
+        "kept deterministically)",
+    ),
+    "npo": Objective(
+        "npo", npo_loss, NPOParams, needs_reference=True, shapes=("negatives",),
+        paper="Zhang et al. 2024, Negative Preference Optimization: From Catastrophic Collapse to Effective "
+        "Unlearning (Eq. 3)",
+    ),
+    "d2o": Objective(
+        "d2o", d2o_loss, D2OParams, needs_reference=True, shapes=("negatives_with_samples",),
+        paper="Duan et al. 2024, Negating Negatives: Alignment with Human Negative Samples via Distributional "
+        "Dispreference Optimization (D²O loss)",
+    ),
+    "dro": Objective(
+        "dro", dro_loss, DROParams, needs_reference=True, shapes=("scored",), needs_value=True,
+        requires=("scores", "values"),
+        paper="Richemond et al. 2024, Offline Regularised Reinforcement Learning for Large Language Models "
+        "Alignment (DRO-V, Eq. 9-10)",
+    ),
+    "plackett_luce": Objective(
+        "plackett_luce", plackett_luce_loss, PlackettLuceParams, needs_reference=True, shapes=("ranked",),
+        paper="Rafailov et al. 2023, Direct Preference Optimization (Plackett-Luce, Appendix A.3, Eq. 18)",
+    ),
+    "unlikelihood": Objective(
+        "unlikelihood", unlikelihood_loss, UnlikelihoodParams, needs_reference=False,
+        paper="Welleck et al. 2019, Neural Text Generation with Unlikelihood Training; the Unlikelihood "
+        "baseline of Rafailov et al. 2023, Direct Preference Optimization (§6), on mean token log-probs",
     ),
 }
 

@@ -216,8 +216,10 @@ class Objective:
 
     @property
     def needs_live_reference(self) -> bool:
-        """Objectives that look at the reference token by token cannot use precomputed sums."""
-        return self.needs_reference and (self.needs_token_logps or self.needs_token_kl)
+        """Objectives that look at the reference token by token, or at rows that depend on the batch's
+        composition (KTO's mismatched pairs), cannot use reference sums precomputed per example."""
+        token_level = self.needs_token_logps or self.needs_token_kl
+        return self.needs_reference and (token_level or "reference_kl_logps" in self.requires)
 
 
 def check_positive(name: str, value: float) -> None:
