@@ -47,6 +47,9 @@ class ReferenceConfig:
     name_or_path: str | None = None  # default: a frozen copy of the starting model (adapters off with LoRA)
     precompute: bool = False  # compute reference log-probs once, cache on disk, free the reference model
     cache_dir: str = "~/.cache/preftune/reference"
+    # TR-DPO (Gorbatovski et al. 2024): every sync_steps optimizer steps, ref <- alpha * policy + (1 - alpha) * ref
+    sync_steps: int | None = None
+    sync_alpha: float = 1.0  # 1.0 = hard update; the paper's soft updates use e.g. 0.6
 
 
 @dataclass
@@ -56,7 +59,7 @@ class DataConfig:
     eval_fraction: float = 0.0  # held out from train_file when eval_file is not given
     columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the file
     max_length: int | None = 1024  # prompt + completion tokens
-    max_prompt_length: int | None = 512  # the prompt keeps its end
+    max_prompt_length: int | None = 512  # the prompt keeps its end; unset: 512 or max_length // 2 if smaller
     on_invalid: Literal["error", "skip"] = "error"  # skip: bad rows are counted and written to a report
     strict_truncation: bool = False  # a pair whose completion truncation empties is an error, not a drop
     max_errors_reported: int = 20
@@ -68,8 +71,18 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = "dpo"
-    rpo_alpha: float = 0.0  # weight of the chosen NLL term added to any paired objective
+    rpo_alpha: float = 0.0  # weight of the chosen NLL term added to any paired objective (RPO)
+    ld_alpha: float | None = None  # LD-DPO: weight of the tokens past the shorter completion's length
+    wpo: bool = False  # WPO: weight each pair by the policy's probability of generating it
+    weight: float = 1.0  # weight of this objective when a mixture adds others
+    mixture: list[dict] = field(default_factory=list)  # more objectives to add: [{name: sft, weight: 0.5}, ...]
     params: dict[str, Any] = field(default_factory=dict)  # written flat in YAML: objective.beta, ...
+
+    def plan(self):
+        from .objectives.plan import build_plan
+
+        return build_plan(self.name, self.params, rpo_alpha=self.rpo_alpha, ld_alpha=self.ld_alpha, wpo=self.wpo,
+                          weight=self.weight, mixture=self.mixture)
 
 
 @dataclass
@@ -252,6 +265,10 @@ def config_from_dict(raw: dict, overrides: list[str] = (), base_dir: Path | None
     if "objective" in raw:
         raw["objective"] = _split_objective(raw["objective"])
     config = _build(Config, raw, "")
+    data = config.data
+    prompt_limit_given = "max_prompt_length" in (raw.get("data") or {})
+    if not prompt_limit_given and data.max_length and data.max_prompt_length and data.max_prompt_length >= data.max_length:
+        data.max_prompt_length = max(1, data.max_length // 2)  # the default must leave room for completions
     validate(config)
     if base_dir is not None:
         _resolve_paths(config, base_dir)
@@ -285,8 +302,6 @@ def _positive(key: str, value: float | None, allow_none: bool = True) -> None:
 
 def validate(config: Config) -> None:
     """Cross-field checks; the objective's own parameters are validated by its parameter type."""
-    from .objectives import get_objective, make_params
-
     t, d = config.training, config.data
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "logps_chunk_size"):
         _positive(f"training.{key}", getattr(t, key), allow_none=False)
@@ -310,9 +325,11 @@ def validate(config: Config) -> None:
     if d.eval_file and d.eval_fraction:
         raise ConfigError("give either 'data.eval_file' or 'data.eval_fraction', not both")
     _positive("lora.r", config.lora.r, allow_none=False)
+    _positive("reference.sync_steps", config.reference.sync_steps)
+    if not 0 < config.reference.sync_alpha <= 1:
+        raise ConfigError(f"config key 'reference.sync_alpha': must be in (0, 1], got {config.reference.sync_alpha}")
     try:
-        objective = get_objective(config.objective.name)
-        make_params(objective.name, config.objective.params)
+        objective = config.objective.plan()
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"config section 'objective': {exc}") from exc
     if config.reference.precompute and objective.needs_live_reference:
@@ -320,15 +337,17 @@ def validate(config: Config) -> None:
             f"objective {objective.name!r} looks at the reference token by token or on rows built per batch, "
             "but reference.precompute caches one sum per completion: set reference.precompute=false"
         )
-    if config.objective.rpo_alpha < 0:
-        raise ConfigError(f"config key 'objective.rpo_alpha': must be >= 0, got {config.objective.rpo_alpha}")
+    if config.reference.sync_steps and config.reference.precompute:
+        raise ConfigError("reference.sync_steps (TR-DPO) updates the reference during training, so its log-probs "
+                          "cannot be precomputed: set reference.precompute=false")
 
 
 def to_dict(config: Config) -> dict:
     """Plain nested dict, objective params written flat as in the YAML recipes."""
     raw = dataclasses.asdict(config)
     objective = raw["objective"]
-    raw["objective"] = {"name": objective["name"], "rpo_alpha": objective["rpo_alpha"], **objective["params"]}
+    params = objective.pop("params")
+    raw["objective"] = {**objective, **params}
     return raw
 
 

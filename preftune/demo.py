@@ -35,7 +35,7 @@ PROMPTS = (
     "Describe a film you have seen, in a sentence.",
 )
 # Keys of the form demo.* are the demo's own options (the pairs it builds), not training config keys.
-DEMO_DEFAULTS = {"n_train": 640, "n_eval": 128, "seed": 0}
+DEMO_DEFAULTS = {"n_train": 320, "n_eval": 128, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -123,22 +123,25 @@ def split_demo_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
     return options, rest
 
 
-METRIC_ROWS = (
-    ("eval/rewards/accuracies", "reward accuracy", "0 before training by definition: policy == reference, "
-     "every implicit reward is 0 and 'chosen > rejected' is strict"),
-    ("eval/rewards/margins", "reward margin", "mean beta * (chosen - rejected log-ratio)"),
-    ("eval/logps_accuracy", "log-prob accuracy", "reference-free: policy alone gives chosen the higher log-prob"),
+METRIC_ROWS = (  # key, label, footnote
+    ("eval/rewards/accuracies", "reward accuracy", "0 before training by definition: the policy is the reference, "
+     "every implicit reward is 0,\n    and accuracy counts chosen > rejected strictly."),
+    ("eval/rewards/margins", "reward margin", "mean of beta * (chosen log-ratio - rejected log-ratio)."),
+    ("eval/logps_accuracy", "log-prob accuracy", "reference-free: pairs whose chosen reply the policy alone "
+     "finds more likely."),
 )
 
 
-def format_table(before: dict | None, after: dict | None) -> str:
+def format_table(before: dict | None, after: dict | None, n_eval: int | None = None) -> str:
     """Before/after of the held-out metrics that show whether the preference was learned."""
     def cell(metrics, key):
         return f"{metrics[key]:8.3f}" if metrics and key in metrics else f"{'-':>8s}"
 
-    lines = [f"{'held-out metric':20s} {'before':>8s} {'after':>8s}  note", "-" * 78]
-    for key, label, note in METRIC_ROWS:
-        lines.append(f"{label:20s} {cell(before, key)} {cell(after, key)}  {note}")
+    title = f"held-out ({n_eval} pairs)" if n_eval else "held-out"
+    lines = [f"{title:22s} {'before':>8s} {'after':>8s}"]
+    for number, (key, label, _) in enumerate(METRIC_ROWS, 1):
+        lines.append(f"{label:22s} {cell(before, key)} {cell(after, key)}  ({number})")
+    lines += [f"({number}) {note}" for number, (_, _, note) in enumerate(METRIC_ROWS, 1)]
     return "\n".join(lines)
 
 
@@ -158,8 +161,11 @@ def run_demo(overrides: list[str] = ()):
     config.data.eval_file = str(eval_path) if options["n_eval"] else None
     result = train(config)
     print()
-    print(f"DPO on {options['n_train']} pairs, {result.steps} steps, evaluated on {options['n_eval']} held-out pairs")
-    print(format_table(result.eval_before, result.eval_after))
+    if result.interrupted:
+        print(f"demo interrupted at step {result.steps}; checkpoint in {result.run_dir / 'checkpoints'}")
+        return result
+    print(f"DPO + LoRA on {options['n_train']} pairs, {result.steps} steps")
+    print(format_table(result.eval_before, result.eval_after, options["n_eval"]))
     print(f"run directory: {result.run_dir}")
     if result.final_dir:
         print(f"final model:   {result.final_dir}")

@@ -12,9 +12,8 @@ from tqdm.auto import tqdm
 
 from . import modeling
 from .config import Config
-from .data import PairCollator
+from .data import Collator
 from .logps import CompletionLogps
-from .objectives import get_objective, make_params
 from .pipeline import batches, build_reference, read_data, tokenize
 from .reference import AdapterOffReference
 from .schedule import sequential_batches
@@ -38,9 +37,8 @@ def _load_policy(config: Config):
 def evaluate_model(config: Config) -> dict[str, float]:
     """Metrics over the held-out split (or the whole train file when there is none), written to
     ``<output_dir>/eval.json``."""
-    objective = get_objective(config.objective.name)
-    params = make_params(objective.name, config.objective.params)
-    splits = read_data(config, "pairs", None)
+    objective = config.objective.plan()
+    splits = read_data(config, objective, None)
     examples = splits.eval or splits.train
     if not splits.eval:
         log.warning("no held-out split configured: evaluating on every row of %s", config.data.train_file)
@@ -57,12 +55,11 @@ def evaluate_model(config: Config) -> dict[str, float]:
         config.lora.enabled = False
         reference = build_reference(config, objective, policy, accelerator.autocast)
     wrapped = CompletionLogps(policy, chunk)
-    scorer = Scorer(lambda *a, **kw: _autocast_call(accelerator, wrapped, *a, **kw), reference, objective, params,
-                    config.objective.rpo_alpha)
+    scorer = Scorer(lambda *a, **kw: _autocast_call(accelerator, wrapped, *a, **kw), reference, objective)
     if objective.needs_live_reference and reference is not None:
         scorer.token_reference = reference.token_level()
     order = sequential_batches(len(tokenized), config.training.eval_batch_size)
-    loader = batches(tokenized, order, PairCollator(tokenizer.pad_token_id), accelerator.device)
+    loader = batches(tokenized, order, Collator(tokenizer.pad_token_id, splits.shape), accelerator.device)
     metrics = evaluate(scorer, tqdm(loader, total=len(order), desc="evaluating"), policy)
     metrics["eval/examples"] = float(len(tokenized))
     out = Path(config.training.output_dir)

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import yaml
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import Config, to_dict
@@ -28,6 +29,7 @@ def _latest(history: list[dict], prefix: str) -> dict[str, float]:
 
 def model_card(config: Config, history: list[dict], data, objective) -> str:
     params = {**{f.name: f.default for f in dataclasses.fields(objective.params)}, **config.objective.params}
+    extras = {k: v for k, v in to_dict(config)["objective"].items() if k in ("ld_alpha", "wpo", "mixture") and v}
     train_metrics, eval_metrics = _latest(history, ""), _latest(history, "eval/")
     lines = [
         "---", "library_name: preftune", f"base_model: {config.model.name_or_path}",
@@ -42,7 +44,7 @@ def model_card(config: Config, history: list[dict], data, objective) -> str:
            f" ({config.data.eval_fraction:.0%} of the train file)" if config.data.eval_fraction else ""),
         *[f"- {summary}" for summary in data.summaries], "",
         "## Objective", "", "```yaml",
-        yaml.safe_dump({"name": objective.name, **params, "rpo_alpha": config.objective.rpo_alpha}).strip(),
+        yaml.safe_dump({"name": objective.name, **params, "rpo_alpha": config.objective.rpo_alpha, **extras}).strip(),
         "```", "", "## Training settings", "", "```yaml",
         yaml.safe_dump({k: v for k, v in to_dict(config).items() if k in ("training", "lora", "reference")},
                        sort_keys=False).strip(), "```", "", "## Final metrics", "", "| metric | value |", "| --- | --- |",
@@ -51,7 +53,8 @@ def model_card(config: Config, history: list[dict], data, objective) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_final(config: Config, model: nn.Module, tokenizer, run_dir: Path, history, data, objective) -> Path:
+def export_final(config: Config, model: nn.Module, tokenizer, run_dir: Path, history, data, objective,
+                 value_head: nn.Module | None = None) -> Path:
     """Write ``final/`` under a temporary name and rename it into place (an interrupted export leaves the
     previous ``final/`` intact)."""
     final, tmp = run_dir / "final", run_dir / f".tmp-final-{os.getpid()}"
@@ -65,6 +68,9 @@ def export_final(config: Config, model: nn.Module, tokenizer, run_dir: Path, his
     else:
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if value_head is not None:  # DRO's V(x), on the policy's last prompt hidden state
+        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                  str(tmp / "value_head.safetensors"))
     (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
     (tmp / "README.md").write_text(model_card(config, history, data, objective), encoding="utf-8")
     if final.exists():

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .logps import SequenceLogps
-from .objectives import GroupLogps, Objective, PairedLogps, takes_groups
+from .objectives import GroupLogps, PairedLogps, takes_groups
 
 Batch = dict[str, Tensor]
 
@@ -31,7 +31,7 @@ def _grid(values: Tensor, example: Tensor, slot: Tensor, shape: tuple[int, int],
     return out.index_put((example, slot), values)
 
 
-def build_inputs(objective: Objective, batch: Batch, out: SequenceLogps, reference: Tensor | None,
+def build_inputs(objective, batch: Batch, out: SequenceLogps, reference: Tensor | None,
                  state: Mapping[str, Tensor]) -> PairedLogps | GroupLogps:
     """``reference``: the reference's summed log-probs per row ``(N,)`` (None for reference-free)."""
     if takes_groups(objective):
@@ -54,7 +54,7 @@ def _paired_inputs(objective, batch, out, reference, state) -> PairedLogps:
     return PairedLogps(**fields)
 
 
-def _token_fields(out: SequenceLogps, half: int, paired: bool, objective: Objective) -> dict:
+def _token_fields(out: SequenceLogps, half: int, paired: bool, objective) -> dict:
     policy, mask = out.padded(out.token_logps)
     sides = [("chosen", slice(0, half))] + ([("rejected", slice(half, 2 * half))] if paired else [])
     fields = {}
@@ -65,6 +65,8 @@ def _token_fields(out: SequenceLogps, half: int, paired: bool, objective: Object
             fields[f"reference_{side}_token_logps"] = out.padded(out.reference_token_logps)[0][rows]
         if out.token_kl is not None and objective.needs_token_kl:
             fields[f"{side}_token_kl"] = out.padded(out.token_kl)[0][rows]
+        if out.token_log_sum_sq is not None:
+            fields[f"{side}_token_log_sum_sq"] = out.padded(out.token_log_sum_sq)[0][rows]
     return fields
 
 

@@ -13,7 +13,7 @@ probability of beating the others. Repeated completions are judged once, blank o
 
 Two scores within ``min_margin`` of each other are a tie: the pair is skipped and counted; a prompt whose
 completions all tie gives no pair and is counted. Text prompts give text rows, message prompts
-conversational ones (the completion as an assistant message). Pairs carry ``score_chosen`` and
+conversational ones (each completion as a one-message assistant turn), as the training data loader wants. Pairs carry ``score_chosen`` and
 ``score_rejected`` too. A summary is printed and written beside the output as ``label_summary.json``.
 """
 
@@ -24,6 +24,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,9 +35,8 @@ from .config import ConfigError, build_section, load_yaml
 from .data import DataValidationError, read_rows
 from .data.fields import Fields, read_content
 from .data.report import format_problems
-from .judges import Judge, build_judge
+from .judges import Judge, JudgeError, build_judge
 
-FORMATS = ("best_vs_worst", "best_vs_random", "all_pairs", "ranked", "unpaired")
 # always in the summary, zeros included, so that "no ties" is visibly a count of 0
 COUNTS = ("empty_completions", "duplicate_completions", "unscored_completions", "prompts_too_few_scored",
           "all_tied_prompts", "tied_pairs", "tied_completions")
@@ -75,6 +75,9 @@ def load_label_config(path: str | Path, overrides: list[str] = ()) -> LabelConfi
             raise ConfigError("config keys 'min_margin' must be >= 0 and 'chunk_size' > 0")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    source = Path(config.input_file)
+    if not source.exists() and (path.parent / source).exists():  # as the training recipes resolve data files
+        config.input_file = str(path.parent / source)
     return config
 
 
@@ -191,7 +194,8 @@ def label_rows(config: LabelConfig, gen: Generation, texts: list[str], scores: l
         return []
     if config.format == "ranked":
         ordered = sorted(scored, key=lambda c: -c[1])  # stable: equal scores keep file order
-        return [{"prompt": gen.prompt, "completions": [t for t, _ in ordered], "scores": [s for _, s in ordered]}]
+        return [{"prompt": gen.prompt, "completions": [_as_completion(gen.prompt, t) for t, _ in ordered],
+                 "scores": [s for _, s in ordered]}]
     return _pairs(config, gen.prompt, scored, rng, counts)
 
 
@@ -254,8 +258,12 @@ def command(args: argparse.Namespace) -> int:
     """The ``preftune label`` handler."""
     config = load_label_config(args.config, args.overrides)
     judge = build_judge(config.judge)  # before reading anything large: config errors come first
-    with judge:
-        summary = label(config, judge)
+    try:
+        with judge:
+            summary = label(config, judge)
+    except JudgeError as exc:
+        print(f"preftune: judge error: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     print(f"summary: {Path(summary['output_file']).parent / 'label_summary.json'}")
     return 0

@@ -11,9 +11,8 @@ weights) and, given a live reference, ``KL(π_ref ‖ π_θ)`` over the vocabula
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -121,9 +120,10 @@ def completion_logps(
     """
     backbone, head = split_causal_lm(model)
     predicts = completion_mask[:, 1:]
+    # reference first: a reference that swaps weights into the policy must be done before autograd saves them
+    ref_selected = reference.selected_hidden(input_ids, attention_mask, predicts) if reference is not None else None
     hidden, selected, rows, cols = _selected_hidden(backbone, input_ids, attention_mask, predicts)
     targets = input_ids[:, 1:][rows, cols]
-    ref_selected = reference.selected_hidden(input_ids, attention_mask, predicts) if reference is not None else None
     softcap = _logit_softcap(model)
     pieces, ref_pieces = [], []
     for start in range(0, selected.shape[0], chunk_size):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import modeling
 from .config import Config
-from .data import DataSplits, PairCollator, TokenizedExample, content_hash, load_examples, tokenize_examples
+from .data import Collator, DataSplits, TokenizedExample, content_hash, load_examples, tokenize_examples
 from .objectives import Objective
 from .reference import (
     AdapterOffReference,
@@ -34,17 +34,21 @@ class TokenizedSplits:
     summaries: list[str]
 
 
-def read_data(config: Config, shape: str, run_dir: Path | None) -> DataSplits:
-    """Load and validate every row before anything heavy happens (fails fast on bad data)."""
-    splits = load_examples(config.data, shape, seed=config.training.seed, report_dir=run_dir)
-    log.info("data: %d train and %d held-out %s from %s", len(splits.train), len(splits.eval), shape,
-             config.data.train_file)
+def read_data(config: Config, objective, run_dir: Path | None, shapes: tuple[str, ...] | None = None) -> DataSplits:
+    """Load and validate every row before anything heavy happens (fails fast on bad data). The file's shape
+    must be one the objective trains on (``shapes`` narrows that, e.g. for `preftune eval`)."""
+    splits = load_examples(config.data, shapes or objective.shapes, seed=config.training.seed, report_dir=run_dir,
+                           objective=objective.name)
+    log.info("data: %d train and %d held-out examples (%s) from %s", len(splits.train), len(splits.eval),
+             splits.shape, config.data.train_file)
+    for line in splits.summaries:
+        log.info("%s", line)
     return splits
 
 
 def tokenize(config: Config, splits: DataSplits, tokenizer) -> TokenizedSplits:
     train, train_summary = tokenize_examples(splits.train, tokenizer, config.data)
-    summaries = [f"train: {train_summary.describe()}"]
+    summaries = list(splits.summaries) + [f"train: {train_summary.describe()}"]
     held_out: list[TokenizedExample] = []
     if splits.eval:
         held_out, eval_summary = tokenize_examples(splits.eval, tokenizer, config.data)
@@ -54,7 +58,7 @@ def tokenize(config: Config, splits: DataSplits, tokenizer) -> TokenizedSplits:
     return TokenizedSplits(train, held_out, summaries)
 
 
-def batches(examples: list[TokenizedExample], positions: list[list[int]], collator: PairCollator,
+def batches(examples: list[TokenizedExample], positions: list[list[int]], collator: Collator,
             device: torch.device) -> Iterator[dict[str, Tensor]]:
     for group in positions:
         yield {k: v.to(device) for k, v in collator([examples[i] for i in group]).items()}
@@ -78,7 +82,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def precompute_reference(
-    config: Config, reference: ModelReference, examples: list[TokenizedExample], collator: PairCollator,
+    config: Config, reference: ModelReference, examples: list[TokenizedExample], collator: Collator,
     device: torch.device, split: str, progress,
 ) -> CachedReference:
     """Reference log-probs of a whole split, cached on disk under a hash of everything they depend on."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -11,7 +11,8 @@ from torch import Tensor
 from .inputs import build_inputs
 from .logps import TokenReference
 from .metrics import MeanAccumulator, add_batch_statistics
-from .objectives import GroupLogps, Objective, ObjectiveOutput, PairedLogps, compute
+from .objectives import GroupLogps, ObjectiveOutput, PairedLogps
+from .objectives.plan import ObjectivePlan
 
 Batch = dict[str, Tensor]
 
@@ -22,24 +23,23 @@ class Scorer:
 
     policy: Callable  # CompletionLogps (possibly wrapped by accelerate): rows -> SequenceLogps
     reference: Callable | None  # batch -> (N,) summed reference log-probs, or None
-    objective: Objective
-    params: object
-    rpo_alpha: float = 0.0
+    plan: ObjectivePlan
     # Token-level objectives see the reference position by position, inside the policy's forward.
     token_reference: TokenReference | None = None
-    modifiers: Mapping[str, float] = field(default_factory=dict)
 
     def __call__(self, batch: Batch, state: Mapping[str, Tensor] | None = None
                  ) -> tuple[ObjectiveOutput, PairedLogps | GroupLogps]:
+        # The reference runs first: a TR-DPO LoRA reference swaps adapter weights in place, which must not
+        # happen between the policy's forward and its backward.
+        reference = None
+        if self.token_reference is None and self.reference is not None:
+            reference = self.reference(batch)
         out = self.policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                          sum_sq=bool(self.modifiers.get("wpo")), reference=self.token_reference)
+                          sum_sq=self.plan.wpo, reference=self.token_reference)
         if self.token_reference is not None:
             reference = out.reference_sums
-        else:
-            reference = self.reference(batch) if self.reference is not None else None
-        logps = build_inputs(self.objective, batch, out, reference, state or {})
-        result = compute(self.objective, logps, self.params, self.rpo_alpha)
-        return result, logps
+        logps = build_inputs(self.plan, batch, out, reference, state or {})
+        return self.plan.compute(logps), logps
 
 
 @torch.no_grad()

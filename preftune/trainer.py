@@ -22,14 +22,14 @@ from transformers import get_scheduler
 from . import modeling
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, save_config
-from .data import PairCollator
+from .data import Collator
 from .export import export_final
 from .logps import CompletionLogps
 from .metrics import MeanAccumulator, MetricsWriter, add_batch_statistics, finite, read_metrics
-from .objectives import get_objective, make_params
 from .pipeline import batches, build_reference, precompute_reference, read_data, tokenize
 from .schedule import BatchSchedule, sequential_batches
 from .step import Scorer, evaluate
+from .sync import syncing_reference
 
 log = logging.getLogger("preftune")
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -95,14 +95,6 @@ def _value_head(policy: torch.nn.Module) -> torch.nn.Module:
     return head.to(next(policy.parameters()).device)
 
 
-def shape_for(command: str, objective) -> str:
-    shape = "completions" if command == "sft" else "pairs"
-    if shape not in objective.shapes:
-        raise ValueError(f"objective {objective.name!r} trains on {', '.join(objective.shapes)} data, "
-                         f"but `preftune {command}` provides {shape}")
-    return shape
-
-
 def _setup_logging(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -127,14 +119,13 @@ def _resume_point(config: Config, run_dir: Path) -> Path | None:
 
 def train(config: Config, command: str = "train") -> TrainResult:
     t = config.training
-    objective = get_objective(config.objective.name)
-    params = make_params(objective.name, config.objective.params)
-    shape = shape_for(command, objective)
+    objective = config.objective.plan()
     run_dir = Path(t.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(run_dir)
     try:
-        splits = read_data(config, shape, run_dir)  # bad data fails here, before any model loads
+        log.info("preftune %s: objective %s, run directory %s", command, objective.name, run_dir)
+        splits = read_data(config, objective, run_dir)  # bad data fails here, before any model loads
         save_config(config, run_dir / "config.yaml")
         torch.manual_seed(t.seed)
         accelerator = make_accelerator(t.precision)
@@ -143,7 +134,7 @@ def train(config: Config, command: str = "train") -> TrainResult:
         policy = modeling.load_policy(config).to(accelerator.device)
         trainable, total = modeling.count_parameters(policy)
         log.info("policy: %s, %d of %d parameters trainable", config.model.name_or_path, trainable, total)
-        run = _Run(config, accelerator, objective, params, tokenizer, policy, data, run_dir, shape)
+        run = _Run(config, accelerator, objective, tokenizer, policy, data, run_dir, splits.shape)
         return run.fit()
     finally:
         log.removeHandler(handler)
@@ -153,11 +144,11 @@ def train(config: Config, command: str = "train") -> TrainResult:
 class _Run:
     """State of one training run; ``fit`` is the loop."""
 
-    def __init__(self, config, accelerator, objective, params, tokenizer, policy, data, run_dir, shape):
+    def __init__(self, config, accelerator, objective, tokenizer, policy, data, run_dir, shape):
         t = config.training
         self.config, self.accelerator, self.objective = config, accelerator, objective
         self.tokenizer, self.data, self.run_dir, self.shape = tokenizer, data, run_dir, shape
-        self.collator = PairCollator(tokenizer.pad_token_id)
+        self.collator = Collator(tokenizer.pad_token_id, shape)
         self.policy = policy
         self.schedule = BatchSchedule(len(data.train), t.batch_size * accelerator.num_processes,
                                       t.gradient_accumulation_steps, t.seed, accelerator.process_index,
@@ -178,14 +169,18 @@ class _Run:
                                   num_training_steps=self.total_steps)
         self.wrapped, self.optimizer, self.scheduler = accelerator.prepare(wrapped, optimizer, scheduler)
         reference = build_reference(config, objective, policy, accelerator.autocast)
+        self.syncs = 0
+        if config.reference.sync_steps:
+            if reference is None:
+                raise ValueError(f"reference.sync_steps (TR-DPO) needs an objective with a reference; "
+                                 f"{objective.name!r} is reference-free")
+            reference = syncing_reference(reference, config.lora.enabled)
         self.train_reference = self.eval_reference = reference
         if reference is not None and config.reference.precompute:
             self._precompute(reference)
         token_reference = reference.token_level() if objective.needs_live_reference else None
-        self.scorer = Scorer(self.wrapped, self.train_reference, objective, params, config.objective.rpo_alpha,
-                             token_reference)
-        self.eval_scorer = Scorer(self.wrapped, self.eval_reference, objective, params, config.objective.rpo_alpha,
-                                  token_reference)
+        self.scorer = Scorer(self.wrapped, self.train_reference, objective, token_reference)
+        self.eval_scorer = Scorer(self.wrapped, self.eval_reference, objective, token_reference)
         self.state: dict[str, torch.Tensor] = {}  # the objective's running statistics (β-DPO, BCO)
 
     def _progress(self, iterable, total, desc):
@@ -212,8 +207,12 @@ class _Run:
 
     def _save(self, step: int) -> Path:
         state = {"epoch": self.schedule.epoch_of(step), "total_steps": self.total_steps}
+        tensors = dict(self.state)
+        if self.config.reference.sync_steps:  # the reference moved: resuming needs it as it is now
+            tensors.update({f"reference/{k}": v for k, v in self.train_reference.state().items()})
+            state["reference_syncs"] = self.syncs
         path = save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.wrapped), self.optimizer,
-                               self.scheduler, state, self.config.training.save_total_limit, tensors=self.state)
+                               self.scheduler, state, self.config.training.save_total_limit, tensors=tensors)
         log.info("checkpoint written: %s", path)
         return path
 
@@ -224,7 +223,13 @@ class _Run:
         if resume_from is not None:
             restored = load_checkpoint(resume_from, self.accelerator.unwrap_model(self.wrapped),
                                        self.optimizer, self.scheduler)
-            start, self.state = restored["step"], restored["tensors"]
+            start = restored["step"]
+            self.state = {k: v for k, v in restored["tensors"].items() if not k.startswith("reference/")}
+            if self.config.reference.sync_steps:
+                prefix = len("reference/")
+                self.train_reference.load_state(
+                    {k[prefix:]: v for k, v in restored["tensors"].items() if k.startswith("reference/")})
+                self.syncs = restored.get("reference_syncs", 0)
             log.info("resumed from %s at step %d of %d", resume_from, start, self.total_steps)
         writer = MetricsWriter(self.run_dir, start if resume_from else None, t.tensorboard)
         eval_before = None
@@ -243,6 +248,7 @@ class _Run:
                 tokens, seconds = tokens + step_tokens, seconds + elapsed
                 stats.add("tokens_per_second", step_tokens, elapsed)
                 done = step + 1
+                self._maybe_sync_reference(done, stats)
                 if done % t.logging_steps == 0 or done == self.total_steps:
                     row = {"step": done, "epoch": round(self.schedule.epoch_of(done), 4), **stats.means(),
                            "lr": self.scheduler.get_last_lr()[0]}
@@ -272,7 +278,8 @@ class _Run:
         history = read_metrics(self.run_dir)
         if not interrupted:
             final_dir = export_final(self.config, self.accelerator.unwrap_model(self.wrapped).model,
-                                     self.tokenizer, self.run_dir, history, self.data, self.objective)
+                                     self.tokenizer, self.run_dir, history, self.data, self.objective.primary.objective,
+                                     value_head=self.accelerator.unwrap_model(self.wrapped).value_head)
         return TrainResult(self.run_dir, final_dir, final_step, eval_before, eval_after, history,
                            tokens / seconds if seconds else 0.0, interrupted)
 
@@ -305,6 +312,16 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return tokens
+
+    def _maybe_sync_reference(self, done: int, stats: MeanAccumulator) -> None:
+        """TR-DPO: after every ``sync_steps`` optimizer steps, move the reference towards the policy."""
+        every, alpha = self.config.reference.sync_steps, self.config.reference.sync_alpha
+        if not every or done % every:
+            return
+        self.train_reference.sync(self.accelerator.unwrap_model(self.wrapped).model, alpha)
+        self.syncs += 1
+        log.info("reference synced with the policy after step %d (alpha=%g, sync %d)", done, alpha, self.syncs)
+        stats.add_mean("reference/syncs", float(self.syncs), 1)
 
     def _nonfinite_message(self, step: int, what: str, value: float) -> str:
         last = latest_checkpoint(self.run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,23 @@ def test_there_is_a_recipe_for_every_issue_objective():
     assert {"dpo", "ipo", "robust", "hinge", "simpo", "cpo", "orpo", "sft", "rpo", "preferred_ft"} <= names
 
 
+def recipe_command(path: Path) -> str:
+    """Every recipe says how to run it on its second line: `# Run:  preftune COMMAND configs/x.yaml`."""
+    run_line = path.read_text().splitlines()[1]
+    assert run_line.startswith("# Run:  preftune "), f"{path.name}: second line must be '# Run:  preftune ...'"
+    return run_line.split()[3]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_every_recipe_loads_and_its_data_exists(path):
-    config = load_config(path)
-    assert Path(config.data.train_file).is_file(), config.data.train_file
-    assert config.training.output_dir.startswith("runs/")
+def test_every_recipe_loads_with_its_command(path):
+    command = recipe_command(path)
+    if command in ("train", "sft", "eval"):
+        config = load_config(path)
+        assert Path(config.data.train_file).is_file(), config.data.train_file
+        assert config.training.output_dir.startswith("runs/")
+    else:  # commands with their own sections load through their module's loader
+        module = importlib.import_module(f"preftune.{command}")
+        getattr(module, f"load_{command}_config")(path)
 
 
 def test_overrides_are_typed_and_reach_objective_parameters():
@@ -51,6 +64,15 @@ def test_overrides_are_typed_and_reach_objective_parameters():
 def test_bad_config_names_the_key_and_what_is_allowed(raw, overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw, overrides)
+
+
+def test_default_prompt_limit_leaves_room_for_completions():
+    """max_length = 96 with max_prompt_length left at its default (512): the prompt limit becomes 96 // 2 = 48;
+    an explicit conflicting value stays an error."""
+    assert config_from_dict({"data": {"max_length": 96}}).data.max_prompt_length == 48
+    assert config_from_dict({"data": {"max_length": 2048}}).data.max_prompt_length == 512
+    with pytest.raises(ConfigError, match="max_prompt_length"):
+        config_from_dict({"data": {"max_length": 96, "max_prompt_length": 100}})
 
 
 def test_load_config_names_the_file(tmp_path):

@@ -98,6 +98,19 @@ def test_the_shape_most_rows_describe_wins_over_a_broken_first_row(tmp_path):
     assert "train.jsonl:1: field 'chosen': missing" in message
 
 
+@pytest.mark.parametrize("accepted, expected", [(("pairs",), "pairs"), (("ranked",), "ranked")])
+def test_a_row_with_the_columns_of_two_shapes_is_read_as_the_accepted_one(tmp_path, accepted, expected):
+    row = {**ROWS["pairs"], "completions": ["x", "y"], "scores": [1, 0]}  # pairs derived from a ranked list
+    path = write_jsonl(tmp_path / "train.jsonl", [row])
+    assert load_examples(DataConfig(train_file=path), accepted).shape == expected
+
+
+def test_a_label_column_is_never_dropped_silently(tmp_path):
+    """An objective on single completions must not train on undesirable ones: unpaired data is an error."""
+    path = write_jsonl(tmp_path / "train.jsonl", [ROWS["unpaired"]])
+    assert "which is unpaired data (objectives: kto)" in error(path, ("pairs", "completions"), "sft")
+
+
 def test_rows_of_no_known_shape_are_checked_as_the_first_accepted_shape(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", ["{oops", {"text": "x"}])
     message = error(path, ("unpaired", "pairs"))

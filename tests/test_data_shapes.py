@@ -85,6 +85,12 @@ def test_unpaired_mixed_formats(tmp_path):
             "and completion all as text, or all as lists of messages") in message
 
 
+def test_unpaired_every_problem_of_a_row_is_reported(tmp_path):
+    message = problems(tmp_path, "unpaired", {"prompt": "p", "completion": [assistant("c")], "label": "yes"})
+    assert f"train.jsonl:2: field 'label': {LABEL}, got 'yes'" in message
+    assert "train.jsonl:2: mixed formats: 'prompt' is text, 'completion' is a list of messages" in message
+
+
 def test_unpaired_conversation_not_ending_with_the_assistant(tmp_path):
     row = {"prompt": [user("hi")], "completion": [assistant("a"), user("?")], "label": False}
     message = problems(tmp_path, "unpaired", row)

@@ -45,7 +45,27 @@ def random_inputs(seed: int = 0, reference: bool = True, dtype: torch.dtype = to
     }
     if reference:
         inputs.update(reference_chosen_logps=logps(), reference_rejected_logps=logps())
+    inputs.update(_token_inputs(gen, reference, dtype))
     return inputs
+
+
+def _token_inputs(gen: torch.Generator, reference: bool, dtype: torch.dtype, width: int = 6) -> dict:
+    """(B, T) per-token fields for token-level objectives and modifiers: log-probs, masks, KL >= 0, log Σp²."""
+    fields = {}
+    for side in ("chosen", "rejected"):
+        lengths = torch.randint(1, width + 1, (BATCH,), generator=gen)
+        mask = torch.arange(width)[None, :] < lengths[:, None]
+
+        def token(mask=mask):
+            return ((-0.1 - 4 * torch.rand(BATCH, width, generator=gen, dtype=torch.float64)) * mask).to(dtype)
+
+        fields[f"{side}_token_mask"] = mask
+        fields[f"policy_{side}_token_logps"] = token()
+        fields[f"{side}_token_kl"] = (torch.rand(BATCH, width, generator=gen, dtype=torch.float64) * mask).to(dtype)
+        fields[f"{side}_token_log_sum_sq"] = token()
+        if reference:
+            fields[f"reference_{side}_token_logps"] = token()
+    return fields
 
 
 def _check_outputs(name: str, inputs: dict) -> None:

@@ -75,7 +75,7 @@ def test_every_completion_of_a_list_is_truncated_and_a_list_without_room_is_drop
 
 
 def test_samples_are_truncated_like_every_completion(words):
-    example = NegativesWithSamplesExample("f:1", "p1 p2", ["r1"], ["c1 c2 c3"])  # text rejected is wrapped below
+    """max_length 5, prompt [0 11 12] leaves 2: r1 </s> fits, c1 c2 c3 </s> -> [21 22], c4 </s> fits."""
     example = NegativesWithSamplesExample("f:1", "p1 p2", "r1", ["c1 c2 c3", "c4"])
     tokenized, summary = tokenize_examples([example], words, DataConfig(max_length=5, max_prompt_length=None))
     assert tokenized == [TokenizedExample(0, [0, 11, 12], [[31, 1], [21, 22], [24, 1]])]

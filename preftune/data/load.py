@@ -88,14 +88,14 @@ def _choose_shape(files: list[tuple[str, list[SourcedRow]]], accepted: tuple[str
     """(shape to validate the files as, shape of the examples returned); a file that holds another shape
     than the objective takes, or than the train file holds, is an error naming both."""
     train_path, train_rows = files[0]
-    found, fields = file_shape(train_rows, data.columns)
+    found, fields = file_shape(train_rows, data.columns, accepted)
     if found is None:  # no row has any shape's columns: validate as the first accepted shape, errors per line
         found = accepted[0]
     converts = found == "ranked" and "pairs" in accepted and data.ranked_to_pairs is not None
     if not converts and found not in accepted:
         raise mismatch_error(train_path, found, fields, accepted, objective)
     for path, rows in files[1:]:
-        other, _ = file_shape(rows, data.columns)
+        other, _ = file_shape(rows, data.columns, accepted)
         if other is not None and other != found:
             raise DataValidationError(f"{path}: the rows are {other} data but {train_path} holds {found} data; "
                                       "the train and held-out files must have the same shape")

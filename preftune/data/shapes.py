@@ -11,29 +11,26 @@ from .readers import SourcedRow
 from .validate import CANONICAL_FIELDS, SHAPE_FIELDS
 
 SHAPES = tuple(SHAPE_FIELDS)
-# The column that tells a shape apart, most specific first: a row with prompt, completion and label is
-# unpaired data, not single completions with an extra column; prompt, rejected and samples is D²O data.
-_SIGNATURES = (
-    ("completions", "ranked"),
-    ("samples", "negatives_with_samples"),
-    ("label", "unpaired"),
+# Columns that only one shape has. A row with prompt, completion and label is unpaired data, not single
+# completions with an extra column: the label must not be dropped silently.
+_DISTINCT = (
+    ("completions", "ranked"), ("samples", "negatives_with_samples"), ("chosen", "pairs"), ("label", "unpaired"),
     ("score", "scored"),
-    ("chosen", "pairs"),
-    ("rejected", "negatives"),
-    ("completion", "completions"),
-    ("messages", "completions"),
 )
+# Columns that the shapes above share with simpler ones: they decide only when no distinct column is there.
+_FALLBACK = (("rejected", "negatives"), ("completion", "completions"), ("messages", "completions"))
 _DATA_NAMES = {"pairs": "preference pairs", "completions": "single completions", "ranked": "ranked lists",
                "negatives_with_samples": "negatives with model samples"}
 _MAX_OBJECTIVES_NAMED = 8
 
 
-def detect_shape(fields: Fields) -> str | None:
-    """The shape a row's columns describe, or None when no shape's columns are there."""
-    for column, shape in _SIGNATURES:
-        if fields.has(column):
-            return shape
-    return None
+def detect_shape(fields: Fields, accepted: tuple[str, ...] = ()) -> str | None:
+    """The shape a row's columns describe, or None when no shape's columns are there. A row with the
+    distinct columns of several shapes (pairs that also carry a ranked list) is read as an accepted one."""
+    found = [shape for column, shape in _DISTINCT if fields.has(column)]
+    if found:
+        return next((shape for shape in found if shape in accepted), found[0])
+    return next((shape for column, shape in _FALLBACK if fields.has(column)), None)
 
 
 def _row_fields(row: SourcedRow, columns: dict[str, str]) -> Fields | None:
@@ -42,7 +39,9 @@ def _row_fields(row: SourcedRow, columns: dict[str, str]) -> Fields | None:
     return Fields(row.value, columns, row.text_cells)
 
 
-def file_shape(rows: list[SourcedRow], columns: dict[str, str]) -> tuple[str | None, Fields | None]:
+def file_shape(
+    rows: list[SourcedRow], columns: dict[str, str], accepted: tuple[str, ...] = ()
+) -> tuple[str | None, Fields | None]:
     """(shape, fields of its first row): the shape most rows' columns describe (the earliest on a tie), so
     that one broken row at the top of a file does not pass for another shape; (None, None) when no row's
     columns describe any shape."""
@@ -50,7 +49,7 @@ def file_shape(rows: list[SourcedRow], columns: dict[str, str]) -> tuple[str | N
     first: dict[str, Fields] = {}
     for row in rows:
         fields = _row_fields(row, columns)
-        shape = detect_shape(fields) if fields else None
+        shape = detect_shape(fields, accepted) if fields else None
         if shape is not None:
             votes[shape] = votes.get(shape, 0) + 1
             first.setdefault(shape, fields)

@@ -83,14 +83,15 @@ def _read_score(fields: Fields, problems: list[str]) -> float | None:
 
 def _single(fields: Fields, chat_template: bool | None, name: str, problems: list[str]):
     """(prompt, [completion]) of a row with one completion in field ``name``, or None (problems noted)."""
-    prompt = read_content(fields, "prompt", problems)
-    completion = read_content(fields, name, problems)
-    if problems:
-        return None
-    result = _prompted(fields, prompt, [(fields.label(name), completion)], ["prompt", name], chat_template)
-    if isinstance(result, list):
-        problems += result
-        return None
+    own: list[str] = []  # problems found so far elsewhere in the row must not stop these checks
+    prompt = read_content(fields, "prompt", own)
+    completion = read_content(fields, name, own)
+    result = None
+    if not own:
+        result = _prompted(fields, prompt, [(fields.label(name), completion)], ["prompt", name], chat_template)
+        if isinstance(result, list):
+            own, result = result, None
+    problems += own
     return result
 
 

@@ -72,7 +72,9 @@ class ChatModelJudge(Judge):
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         mask = enc["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's tokens start at position 0
-        logits = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions).logits
+        # logits_to_keep=1: only the last position is projected to the vocabulary, not (N, T, V)
+        logits = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
+                            logits_to_keep=1).logits
         pair = logits[:, -1, self.answer_ids].float()
         return torch.softmax(pair, dim=-1)[:, 0].double()
 

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.message import Message
 
 from . import JudgeError
 
@@ -79,14 +80,15 @@ class ChatClient:
         self.timeout_s, self.policy, self.count, self.sleep = timeout_s, policy, count, sleep
         self.rng = random.Random()
 
-    def _post(self, payload: bytes) -> tuple[int, dict, bytes]:
+    def _post(self, payload: bytes) -> tuple[int, Message, bytes]:
+        """(status, headers, body); the headers look names up case-insensitively."""
         request = urllib.request.Request(self.url, data=payload, headers=self.headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return response.status, dict(response.headers), response.read()
+                return response.status, response.headers, response.read()
         except urllib.error.HTTPError as exc:  # a non-2xx answer: still an answer, with a status and a body
             with exc:
-                return exc.code, dict(exc.headers or {}), exc.read()
+                return exc.code, exc.headers or Message(), exc.read()
 
     def _attempt(self, payload: bytes) -> tuple[str | None, str, float | None]:
         """(reply, "", None) on success, else (None, why, Retry-After) for a retryable failure."""
@@ -102,7 +104,7 @@ class ChatClient:
         if status in FATAL_STATUS:
             raise JudgeError(f"{self.url} answered HTTP {status} ({FATAL_STATUS[status]}): {snippet}")
         if status in (408, 429) or status >= 500:
-            retry_after = parse_retry_after(headers.get("Retry-After") or headers.get("retry-after"))
+            retry_after = parse_retry_after(headers.get("Retry-After"))
             return None, "5xx" if status >= 500 else str(status), retry_after
         if status >= 300:
             raise RequestFailed(f"HTTP {status}: {snippet}")

@@ -34,6 +34,7 @@ from .sft import SFTParams, sft_loss
 from .simpo import SimPOParams, simpo_loss
 from .slic import SLiCParams, slic_loss
 from .sppo_hard import SPPOHardParams, sppo_hard_loss
+from .tdpo import TDPOParams, tdpo_loss
 from .unlikelihood import UnlikelihoodParams, unlikelihood_loss
 
 OBJECTIVES: dict[str, Objective] = {
@@ -67,6 +68,10 @@ OBJECTIVES: dict[str, Objective] = {
     "orpo": Objective(
         "orpo", orpo_loss, ORPOParams, needs_reference=False,
         paper="Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model (Eq. 6-7)",
+    ),
+    "tdpo": Objective(
+        "tdpo", tdpo_loss, TDPOParams, needs_reference=True, needs_token_kl=True,
+        paper="Zeng et al. 2024, Token-level Direct Preference Optimization (TDPO1 Eq. 17, TDPO2 Eq. 19)",
     ),
     "sft": Objective(
         "sft", sft_loss, SFTParams, needs_reference=False, shapes=("pairs", "completions"), uses_rejected=False,
@@ -169,9 +174,10 @@ OBJECTIVES: dict[str, Objective] = {
     ),
 }
 
+# Terms and modifiers any paired objective can take (see plan.py and modifiers.py); the first is RPO.
 # A term any paired objective can add: α · mean-token NLL of the chosen completion
 # (Pang et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 2 — RPO).
-SHARED_PARAMS = ("rpo_alpha",)
+SHARED_PARAMS = ("rpo_alpha", "ld_alpha", "wpo", "weight", "mixture")
 
 
 def get_objective(name: str) -> Objective:
@@ -236,6 +242,11 @@ def compute(
     # An objective that uses the rejected completion must get it: missing tensors are a ValueError naming
     # the field here, not a TypeError from inside the formula.
     logps.check(objective.name, objective.needs_reference, needs_rejected=objective.uses_rejected)
+    token_fields = (["chosen_token_kl", "rejected_token_kl"] if objective.needs_token_kl else []) + (
+        ["policy_chosen_token_logps", "policy_rejected_token_logps"] if objective.needs_token_logps else [])
+    for name in token_fields:
+        if getattr(logps, name) is None:
+            raise ValueError(f"objective {objective.name!r} needs {name} (a (B, T) tensor with its mask)")
     if rpo_alpha < 0:
         raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
     logps = logps.upcast()

@@ -41,6 +41,8 @@ class PairedLogps:
     rejected_token_mask: Tensor | None = None
     chosen_token_kl: Tensor | None = None  # (B, T): KL(π_ref ‖ π_θ) over the vocabulary at each position (TDPO)
     rejected_token_kl: Tensor | None = None
+    chosen_token_log_sum_sq: Tensor | None = None  # (B, T): log Σ_v π(v | x, y<t)² of the policy (WPO)
+    rejected_token_log_sum_sq: Tensor | None = None
     # Running statistics an objective carries between steps (β-DPO, BCO); returned updated in the output.
     state: Mapping[str, Tensor] = field(default_factory=dict)
 
