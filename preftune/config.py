@@ -102,6 +102,8 @@ class TrainingConfig:
     warmup_ratio: float = 0.0
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs
+    # sDPO: N consecutive parts of the train split (or a list of files), each stage's model the next's reference
+    stages: int | list[str] | None = None
     max_grad_norm: float | None = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (AMX on recent CPUs)
     logging_steps: int = 10
@@ -308,6 +310,8 @@ def validate(config: Config) -> None:
     for key in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "max_grad_norm"):
         _positive(f"training.{key}", getattr(t, key))
     _positive("training.learning_rate", t.learning_rate, allow_none=False)
+    if isinstance(t.stages, int) and t.stages < 1:
+        raise ConfigError(f"config key 'training.stages': must be >= 1 or a list of data files, got {t.stages}")
     _positive("training.epochs", t.epochs, allow_none=False)
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"config key 'training.warmup_ratio': must be in [0, 1), got {t.warmup_ratio}")

@@ -7,6 +7,7 @@ then for each optimizer step run its micro-batches, clip, step, log, evaluate, c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -125,7 +126,17 @@ def train(config: Config, command: str = "train") -> TrainResult:
     handler = _setup_logging(run_dir)
     try:
         log.info("preftune %s: objective %s, run directory %s", command, objective.name, run_dir)
-        splits = read_data(config, objective, run_dir)  # bad data fails here, before any model loads
+        if isinstance(t.stages, list):  # one file per sDPO stage: validate them all before any model loads
+            for path in t.stages:
+                read_data(dataclasses.replace(config, data=dataclasses.replace(config.data, train_file=path)),
+                          objective, None)
+            splits = None
+        else:
+            splits = read_data(config, objective, run_dir)  # bad data fails here, before any model loads
+        if t.stages:
+            from .stages import train_in_stages
+
+            return train_in_stages(config, command, splits, train)
         save_config(config, run_dir / "config.yaml")
         torch.manual_seed(t.seed)
         accelerator = make_accelerator(t.precision)

@@ -85,3 +85,38 @@ def test_sync_refuses_a_precomputed_reference(base_config):
     raw["reference"].update(sync_steps=2, precompute=True)
     with pytest.raises(ConfigError, match="reference.sync_steps .* cannot be precomputed"):
         config_from_dict(raw)
+
+
+def test_sdpo_stages_chain_policy_and_reference(base_config, tmp_path):
+    """2 stages over 18 training pairs (9 each): stage 2 starts from stage 1's final model, and since the
+    reference is a copy of that start, stage 2's first loss is exactly log 2 again."""
+    raw = copy.deepcopy(base_config)
+    raw["training"].update(stages=2, max_steps=2, learning_rate=1e-2, save_steps=None)
+    result = run(raw)
+    root = tmp_path / "run"
+    assert result.run_dir == root / "stage-2"
+    stage2 = config_from_dict(__import__("yaml").safe_load((root / "stage-2" / "config.yaml").read_text()))
+    assert stage2.model.name_or_path == str(root / "stage-1" / "final")
+    assert stage2.reference.name_or_path is None
+    for t in (1, 2):
+        rows = [r for r in (root / f"stage-{t}" / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
+        assert __import__("json").loads(rows[0])["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert len((root / "stages" / "stage-1.jsonl").read_text().splitlines()) == 9
+    assert len((root / "stages" / "stage-2.jsonl").read_text().splitlines()) == 9
+    # stage 1's final weights are stage 2's starting point: its first logged logps equal stage 1's final model's
+    stage1_final = AutoModelForCausalLM.from_pretrained(root / "stage-1" / "final").state_dict()
+    name = "model.layers.1.mlp.down_proj.weight"
+    start = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "stage-2" / "final").state_dict()
+    assert not torch.equal(stage1_final[name], start[name])  # stage 2 trained further
+    log_text = (root / "train.log").read_text()
+    assert "sDPO stage 2/2: policy and reference start from" in log_text
+
+
+def test_sdpo_rerun_skips_finished_stages(base_config, tmp_path):
+    raw = copy.deepcopy(base_config)
+    raw["training"].update(stages=2, max_steps=1, save_steps=None, eval_before_training=False)
+    run(raw)
+    again = run(raw)  # nothing left to train: the last stage's result is read back
+    assert again.final_dir == tmp_path / "run" / "stage-2" / "final" and not again.interrupted
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert "sDPO stage 1/2 already finished" in log_text and "sDPO stage 2/2 already finished" in log_text
