@@ -65,6 +65,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], bool]] = {
                  lambda args: __import__("preftune.generate", fromlist=["command"]).command(args), True),
     "label": ("judge generations into preference pairs, ranked lists or unpaired labels (AI feedback)",
               lambda args: __import__("preftune.label", fromlist=["command"]).command(args), True),
+    "reward": ("train a Bradley-Terry reward model (a scalar head on any backbone) from pairs or ranked lists",
+               lambda args: __import__("preftune.reward", fromlist=["command"]).command(args), True),
+    "winrate": ("evaluate generations: win rate vs a baseline under a judge, mean reward, KL(pi||ref), lengths",
+                lambda args: __import__("preftune.winrate", fromlist=["command"]).command(args), True),
 }
 TRAINING_COMMANDS = ("train", "sft", "eval", "demo")
 

@@ -162,7 +162,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif origin is list:
         if isinstance(value, list):
             return [_coerce(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
-    elif origin is dict:
+    elif origin is dict or tp is dict:
         if isinstance(value, dict):
             return dict(value)
     elif tp is bool:

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import modeling
+from .analysis.likelihood_length import LikelihoodRecorder, likelihood_length_metrics
 from .config import Config
 from .data import Collator
 from .logps import CompletionLogps
@@ -55,17 +56,26 @@ def evaluate_model(config: Config) -> dict[str, float]:
         config.lora.enabled = False
         reference = build_reference(config, objective, policy, accelerator.autocast)
     wrapped = CompletionLogps(policy, chunk)
-    scorer = Scorer(lambda *a, **kw: _autocast_call(accelerator, wrapped, *a, **kw), reference, objective)
+    recorder = LikelihoodRecorder(lambda *a, **kw: _autocast_call(accelerator, wrapped, *a, **kw))
+    scorer = Scorer(recorder, reference, objective)
     if objective.needs_live_reference and reference is not None:
         scorer.token_reference = reference.token_level()
     order = sequential_batches(len(tokenized), config.training.eval_batch_size)
     loader = batches(tokenized, order, Collator(tokenizer.pad_token_id, splits.shape), accelerator.device)
     metrics = evaluate(scorer, tqdm(loader, total=len(order), desc="evaluating"), policy)
     metrics["eval/examples"] = float(len(tokenized))
+    metrics.update(likelihood_length_analysis(recorder, splits.shape))
     out = Path(config.training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
+
+
+def likelihood_length_analysis(recorder: LikelihoodRecorder, shape: str) -> dict[str, float]:
+    """The SimPO analysis (``analysis/likelihood_length.py``) of the pairs just evaluated: Spearman correlation
+    of the policy's average log-likelihood with completion length. Pairs only: other shapes' batches hold rows
+    (e.g. KTO's mismatched KL rows) that are not completions of the data."""
+    return likelihood_length_metrics(recorder.batches) if shape == "pairs" else {}
 
 
 def _autocast_call(accelerator: Accelerator, module: torch.nn.Module, *args, **kwargs):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .objectives import ObjectiveOutput, PairedLogps
+from .objectives import GroupLogps, ObjectiveOutput, PairedLogps
 
 
 class MeanAccumulator:
@@ -35,7 +35,14 @@ class MeanAccumulator:
         return bool(self.sums)
 
 
-def add_batch_statistics(acc: MeanAccumulator, out: ObjectiveOutput, logps: PairedLogps) -> None:
+def _add_present(acc: MeanAccumulator, name: str, values: Tensor) -> None:
+    """Mean over the entries that exist: non-pair data marks a missing chosen/rejected reward with NaN."""
+    present = ~torch.isnan(values)
+    if bool(present.any()):
+        acc.add(name, float(values[present].sum()), float(present.sum()))
+
+
+def add_batch_statistics(acc: MeanAccumulator, out: ObjectiveOutput, logps: PairedLogps | GroupLogps) -> None:
     """Accumulate the standard metrics of one micro-batch.
 
     ``logps/*``: policy's summed completion log-probs; ``rewards/*``: the objective's implicit reward;
@@ -44,15 +51,21 @@ def add_batch_statistics(acc: MeanAccumulator, out: ObjectiveOutput, logps: Pair
     """
     n = logps.batch_size
     acc.add("loss", float(out.losses.detach().float().sum()), n)
-    acc.add("rewards/chosen", float(out.chosen_rewards.sum()), n)
-    acc.add("logps/chosen", float(logps.policy_chosen_logps.detach().sum()), n)
-    if logps.policy_rejected_logps is not None:
-        acc.add("rewards/rejected", float(out.rejected_rewards.sum()), n)
-        acc.add("rewards/margins", float((out.chosen_rewards - out.rejected_rewards).sum()), n)
-        acc.add("rewards/accuracies", float((out.chosen_rewards > out.rejected_rewards).float().sum()), n)
-        acc.add("logps/rejected", float(logps.policy_rejected_logps.detach().sum()), n)
-        prefers = logps.mean_logps("chosen").detach() > logps.mean_logps("rejected").detach()
-        acc.add("logps_accuracy", float(prefers.float().sum()), n)
+    chosen, rejected = out.chosen_rewards.float(), out.rejected_rewards.float()
+    _add_present(acc, "rewards/chosen", chosen)
+    _add_present(acc, "rewards/rejected", rejected)
+    both = ~torch.isnan(chosen) & ~torch.isnan(rejected)
+    if bool(both.any()):
+        acc.add("rewards/margins", float((chosen - rejected)[both].sum()), float(both.sum()))
+        acc.add("rewards/accuracies", float((chosen > rejected)[both].float().sum()), float(both.sum()))
+    if isinstance(logps, GroupLogps):
+        acc.add("logps/completions", float(logps.policy_logps.detach()[logps.mask].sum()), float(logps.mask.sum()))
+    else:
+        acc.add("logps/chosen", float(logps.policy_chosen_logps.detach().sum()), n)
+        if logps.policy_rejected_logps is not None:
+            acc.add("logps/rejected", float(logps.policy_rejected_logps.detach().sum()), n)
+            prefers = logps.mean_logps("chosen").detach() > logps.mean_logps("rejected").detach()
+            acc.add("logps_accuracy", float(prefers.float().sum()), n)
     for name, value in out.metrics.items():
         acc.add_mean(name, float(value.detach()), n)
 
