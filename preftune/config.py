@@ -64,6 +64,9 @@ class DataConfig:
     strict_truncation: bool = False  # a pair whose completion truncation empties is an error, not a drop
     max_errors_reported: int = 20
     chat_template: bool | None = None  # None: use it for conversational rows only
+    # A retain set (prompt/completion or messages) whose mean token NLL, times objective.retain_weight, is
+    # added to the loss (NPO+RT); any objective can use it
+    retain_file: str | None = None
     # Ranked lists (prompt, completions, scores|ranks) feeding an objective on pairs become pairs:
     ranked_to_pairs: Literal["all_pairs", "best_vs_worst", "best_vs_each"] | None = None
 
@@ -75,6 +78,7 @@ class ObjectiveConfig:
     ld_alpha: float | None = None  # LD-DPO: weight of the tokens past the shorter completion's length
     wpo: bool = False  # WPO: weight each pair by the policy's probability of generating it
     weight: float = 1.0  # weight of this objective when a mixture adds others
+    retain_weight: float = 1.0  # λ of the retain-set NLL term (with data.retain_file)
     mixture: list[dict] = field(default_factory=list)  # more objectives to add: [{name: sft, weight: 0.5}, ...]
     params: dict[str, Any] = field(default_factory=dict)  # written flat in YAML: objective.beta, ...
 
@@ -289,7 +293,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def _resolve_paths(config: Config, base_dir: Path) -> None:
-    for attr in ("train_file", "eval_file"):
+    for attr in ("train_file", "eval_file", "retain_file"):
         value = getattr(config.data, attr)
         if value and not Path(value).exists() and (base_dir / value).exists():
             setattr(config.data, attr, str(base_dir / value))
@@ -341,6 +345,8 @@ def validate(config: Config) -> None:
             f"objective {objective.name!r} looks at the reference token by token or on rows built per batch, "
             "but reference.precompute caches one sum per completion: set reference.precompute=false"
         )
+    if config.objective.retain_weight < 0:
+        raise ConfigError(f"config key 'objective.retain_weight': must be >= 0, got {config.objective.retain_weight}")
     if config.reference.sync_steps and config.reference.precompute:
         raise ConfigError("reference.sync_steps (TR-DPO) updates the reference during training, so its log-probs "
                           "cannot be precomputed: set reference.precompute=false")

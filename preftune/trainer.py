@@ -193,6 +193,12 @@ class _Run:
         self.scorer = Scorer(self.wrapped, self.train_reference, objective, token_reference)
         self.eval_scorer = Scorer(self.wrapped, self.eval_reference, objective, token_reference)
         self.state: dict[str, torch.Tensor] = {}  # the objective's running statistics (β-DPO, BCO)
+        self.retain = None
+        if config.data.retain_file:
+            from .retain import RetainSet
+
+            self.retain = RetainSet(config, tokenizer, accelerator.device, accelerator.process_index,
+                                    accelerator.num_processes)
 
     def _progress(self, iterable, total, desc):
         disable = not self.config.training.progress_bar or not self.accelerator.is_main_process
@@ -308,6 +314,8 @@ class _Run:
             with sync:
                 out, logps = self.scorer(batch, self.state)
                 loss = out.losses.sum() * weight
+                if self.retain is not None:
+                    loss = loss + self.retain.loss(self.wrapped, step, i, stats)
                 if not finite(loss):
                     raise NonFiniteLossError(self._nonfinite_message(step, "loss", float(loss.detach())))
                 self.accelerator.backward(loss)

@@ -120,3 +120,43 @@ def test_sdpo_rerun_skips_finished_stages(base_config, tmp_path):
     assert again.final_dir == tmp_path / "run" / "stage-2" / "final" and not again.interrupted
     log_text = (tmp_path / "run" / "train.log").read_text()
     assert "sDPO stage 1/2 already finished" in log_text and "sDPO stage 2/2 already finished" in log_text
+
+
+def test_npo_with_a_retain_set(base_config, tiny_model_dir, tmp_path):
+    """NPO on negatives + λ·NLL on a retain set of exactly one batch (4 examples): step 1's retain/nll must be
+    the mean over the 4 examples of their mean token NLL under the untouched model (full-logits second
+    implementation), and the term must change the update (weights differ from λ = 0)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from preftune.data import Collator, load_examples, tokenize_examples
+
+    negatives = tmp_path / "forget.jsonl"
+    negatives.write_text("".join(json.dumps({"prompt": "Say:", "rejected": f" bad words {i}"}) + "\n" for i in range(8)))
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"prompt": "Say:", "completion": f" kind words {i}"}) + "\n" for i in range(4)))
+    raw = copy.deepcopy(base_config)
+    raw["data"].update(train_file=str(negatives), eval_fraction=0.0, retain_file=str(retain))
+    raw["objective"] = {"name": "npo", "beta": 0.1, "retain_weight": 1.0}
+    raw["training"].update(max_steps=2, save_steps=None, learning_rate=1e-2)
+    with_retain = run(raw, f"training.output_dir={tmp_path / 'a'}")
+    without = run(raw, "objective.retain_weight=0.0", f"training.output_dir={tmp_path / 'b'}")
+
+    config = config_from_dict(copy.deepcopy(raw))
+    config.data.train_file = str(retain)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples, _ = tokenize_examples(load_examples(config.data, ("completions",)).train, tokenizer, config.data)
+    batch = Collator(tokenizer.pad_token_id, "completions")(examples)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        logprobs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+    target = logprobs[:, :-1].gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = batch["completion_mask"][:, 1:]
+    expected = (-(target * mask).sum(1) / mask.sum(1)).mean().item()
+    first = [r for r in with_retain.history if "loss" in r][0]
+    assert first["retain/nll"] == pytest.approx(expected, abs=1e-5)
+    assert first["loss"] == pytest.approx([r for r in without.history if "loss" in r][0]["loss"], abs=1e-7)
+    a = load_file(str(with_retain.run_dir / "final" / "model.safetensors"))
+    b = load_file(str(without.run_dir / "final" / "model.safetensors"))
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
