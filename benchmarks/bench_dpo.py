@@ -214,8 +214,11 @@ def _versions() -> dict:
 def _run_worker(name: str, args, workdir: Path) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--workdir", str(workdir), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--precision", args.precision, "--batch-size", str(args.batch_size)]
+    env = dict(os.environ)
+    if args.threads:  # OpenMP reads this when torch loads, before any code of ours could set it
+        env["OMP_NUM_THREADS"] = str(args.threads)
     print(f"running {name} ...", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{name} worker failed:\n{done.stderr[-4000:]}")
     return json.loads((workdir / f"result-{name}.json").read_text(encoding="utf-8"))
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="steps run first and not measured")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP threads per framework (default: torch's choice, one per core); 1 gives "
+                             "stable numbers on a machine other jobs are using, where spinning OpenMP threads stall")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -246,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     frameworks = ["preftune"] + (["trl"] if _trl_available() else [])
+    load_at_start = os.getloadavg()[0]  # recorded because other busy processes distort every number here
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         workdir = Path(tmp)
         prepare(workdir, args.batch_size * (args.steps + args.warmup))
@@ -257,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                      "precision": args.precision, "measured_steps": args.steps, "warmup_steps": args.warmup,
                      "objective": f"dpo beta={BETA}", "reference": "frozen copy"},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": __import__("torch").get_num_threads()},
+                    "threads": args.threads or __import__("torch").get_num_threads(),
+                    "load_average_at_start": load_at_start},
         "versions": _versions(),
         "results": results,
     }

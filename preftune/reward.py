@@ -33,6 +33,7 @@ from .reward_data import (
     RewardTexts,
     build_groups,
     load_reward_examples,
+    resolved_chat_template,
     stack_groups,
 )
 from .reward_losses import pairwise_accuracy, plackett_luce_loss
@@ -284,6 +285,7 @@ def train_reward(config: RewardConfig) -> RewardResult:
     model.backbone.requires_grad_(not config.model.freeze_backbone)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path))
+    model.meta.chat_template = resolved_chat_template(config.data, splits.train + splits.eval, tokenizer)
     texts, train, held_out = build_groups(splits, tokenizer, model.meta)
     def progress(batches):
         return tqdm(batches, desc="pooling (frozen backbone)", unit="batch", disable=not t.progress_bar)

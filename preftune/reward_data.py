@@ -67,6 +67,18 @@ def load_reward_examples(data: RewardDataConfig, seed: int, report_dir) -> DataS
     return splits
 
 
+def resolved_chat_template(data: RewardDataConfig, examples: list, tokenizer) -> bool | None:
+    """What ``reward_model.json`` records, so that a judge renders as training did: data.chat_template when
+    set; else whether the rows were conversations (all of them) with a template to render them, and None
+    (decide per row) for a mix of text and conversations."""
+    if data.chat_template is not None:
+        return data.chat_template
+    conversational = {isinstance(e.prompt, list) for e in examples}
+    if len(conversational) != 1:
+        return None
+    return conversational.pop() and bool(getattr(tokenizer, "chat_template", None))
+
+
 def _group(example, texts: RewardTexts, tokenizer, meta: RewardModelMeta) -> Group:
     if isinstance(example, PairExample):
         completions, scores = [example.chosen, example.rejected], [1.0, 0.0]
