@@ -7,13 +7,15 @@ parsed arguments and returns the process exit code.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, describe_options, load_config
+from .config import Config, ConfigError, describe_options, load_config
 
 
 def _print_metrics(title: str, metrics: dict | None) -> None:
@@ -54,44 +56,65 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# name -> (help, handler, takes a CONFIG argument, help epilog lists the training config keys)
-COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], bool]] = {
-    "train": ("preference optimization with the config's objective (DPO by default)", run_train, True),
-    "sft": ("supervised fine-tuning: the same loop with the NLL objective on prompt/completion data", run_train, True),
-    "eval": ("held-out pair metrics (reward accuracy, margins, log-probs) of a trained or base model", run_eval, True),
-    "demo": ("the embedded default: SmolLM2-135M-Instruct + DPO/LoRA on movie-review preference pairs", run_demo, False),
-    # imported when run: keeps `preftune --help` from loading transformers
-    "generate": ("sample K completions per prompt from a model or adapter (HF or vLLM) into resumable JSONL",
-                 lambda args: __import__("preftune.generate", fromlist=["command"]).command(args), True),
-    "label": ("judge generations into preference pairs, ranked lists or unpaired labels (AI feedback)",
-              lambda args: __import__("preftune.label", fromlist=["command"]).command(args), True),
-    "reward": ("train a Bradley-Terry reward model (a scalar head on any backbone) from pairs or ranked lists",
-               lambda args: __import__("preftune.reward", fromlist=["command"]).command(args), True),
-    "winrate": ("evaluate generations: win rate vs a baseline under a judge, mean reward, KL(pi||ref), lengths",
-                lambda args: __import__("preftune.winrate", fromlist=["command"]).command(args), True),
+def _lazy(spec: str):
+    """``"module:attribute"`` imported on first use: keeps `preftune --help` from loading transformers."""
+    module, _, attribute = spec.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    handler: Callable[[argparse.Namespace], int] | str  # a function, or "module:function" imported when run
+    takes_config: bool = True
+    config_type: type | str | None = Config  # its options, listed by --help
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("preference optimization with the config's objective (DPO by default)", run_train),
+    "sft": Command("supervised fine-tuning: the same loop with the NLL objective on prompt/completion data", run_train),
+    "eval": Command("held-out pair metrics (reward accuracy, margins, log-probs) of a trained or base model", run_eval),
+    "demo": Command("the embedded default: SmolLM2-135M-Instruct + DPO/LoRA on movie-review preference pairs",
+                    run_demo, takes_config=False),
+    "generate": Command("sample K completions per prompt from a model or adapter (HF or vLLM) into resumable JSONL",
+                        "preftune.generate:command", config_type="preftune.generate:GenerateConfig"),
+    "label": Command("judge generations into preference pairs, ranked lists or unpaired labels (AI feedback)",
+                     "preftune.label:command", config_type="preftune.label:LabelConfig"),
+    "reward": Command("train a Bradley-Terry reward model (a scalar head on any backbone) from pairs or ranked lists",
+                      "preftune.reward:command", config_type="preftune.reward:RewardConfig"),
+    "winrate": Command("evaluate generations: win rate vs a baseline under a judge, mean reward, KL(pi||ref), lengths",
+                       "preftune.winrate:command", config_type="preftune.winrate:WinrateConfig"),
 }
-TRAINING_COMMANDS = ("train", "sft", "eval", "demo")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _epilog(command: Command) -> str | None:
+    config_type = _lazy(command.config_type) if isinstance(command.config_type, str) else command.config_type
+    if config_type is None:
+        return None
+    return "config keys (section.key = default); override any of them as key=value:\n" + describe_options(config_type)
+
+
+def _parser(with_options: bool) -> argparse.ArgumentParser:
+    """``with_options``: list every command's config keys in its help (imports each command's module)."""
     parser = argparse.ArgumentParser(prog="preftune", description="Align causal LMs with preference data.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    training_keys = "config keys (section.key = default); override any of them as key=value:\n" + describe_options()
-    for name, (help_text, _, takes_config) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           epilog=training_keys if name in TRAINING_COMMANDS else None,
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help,
+                           epilog=_epilog(command) if with_options else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        if takes_config:
+        if command.takes_config:
             p.add_argument("config", type=Path, help="YAML recipe (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. objective.beta=0.2")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(with_options="-h" in argv or "--help" in argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    handler = COMMANDS[args.command].handler
     try:
-        return COMMANDS[args.command][1](args)
+        return (_lazy(handler) if isinstance(handler, str) else handler)(args)
     except ConfigError as exc:
         print(f"preftune: config error: {exc}", file=sys.stderr)
         return 2

@@ -365,13 +365,19 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
 
 
-def describe_options() -> str:
-    """Every config key with its default, for ``--help``."""
+def describe_options(config_type: type = None, prefix: str = "") -> str:
+    """Every key of a config dataclass (``Config`` by default) with its default, nested sections dotted."""
+    config_type = config_type or Config
+    hints = typing.get_type_hints(config_type)
     lines = []
-    hints = typing.get_type_hints(Config)
-    for section in dataclasses.fields(Config):
-        lines.append(f"{section.name}:")
-        for f in dataclasses.fields(hints[section.name]):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {section.name}.{f.name} = {default!r}")
+    for f in dataclasses.fields(config_type):
+        if f.name.startswith("_"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{prefix}{f.name}:")
+            lines.append(describe_options(hints[f.name], f"  {prefix.strip()}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        lines.append(f"{prefix}{f.name} = {default!r}")
     return "\n".join(lines)

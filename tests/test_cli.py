@@ -100,3 +100,12 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_resumes(tmp_path, base_config)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
     assert steps == list(range(1, end + 1))
     assert f"resumed from {checkpoints[0]} at step {stopped_at}" in done.stderr
+
+
+@pytest.mark.parametrize("command", sorted(__import__("preftune.cli", fromlist=["COMMANDS"]).COMMANDS))
+def test_every_command_help_lists_its_config_keys(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "config keys (section.key = default)" in out and " = " in out.split("config keys", 1)[1]
