@@ -233,21 +233,23 @@ class _Run:
         log.info("checkpoint written: %s", path)
         return path
 
+    def _resume(self, checkpoint: Path) -> int:
+        """Restore weights, optimizer, scheduler, RNG, objective state and a moving reference; returns the step."""
+        restored = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.wrapped), self.optimizer,
+                                   self.scheduler)
+        tensors = restored["tensors"]
+        self.state = {k: v for k, v in tensors.items() if not k.startswith("reference/")}
+        if self.config.reference.sync_steps:
+            prefix = len("reference/")
+            self.train_reference.load_state({k[prefix:]: v for k, v in tensors.items() if k.startswith("reference/")})
+            self.syncs = restored.get("reference_syncs", 0)
+        log.info("resumed from %s at step %d of %d", checkpoint, restored["step"], self.total_steps)
+        return restored["step"]
+
     def fit(self) -> TrainResult:
         t = self.config.training
         resume_from = _resume_point(self.config, self.run_dir)
-        start = 0
-        if resume_from is not None:
-            restored = load_checkpoint(resume_from, self.accelerator.unwrap_model(self.wrapped),
-                                       self.optimizer, self.scheduler)
-            start = restored["step"]
-            self.state = {k: v for k, v in restored["tensors"].items() if not k.startswith("reference/")}
-            if self.config.reference.sync_steps:
-                prefix = len("reference/")
-                self.train_reference.load_state(
-                    {k[prefix:]: v for k, v in restored["tensors"].items() if k.startswith("reference/")})
-                self.syncs = restored.get("reference_syncs", 0)
-            log.info("resumed from %s at step %d of %d", resume_from, start, self.total_steps)
+        start = self._resume(resume_from) if resume_from is not None else 0
         writer = MetricsWriter(self.run_dir, start if resume_from else None, t.tensorboard)
         eval_before = None
         if start == 0 and t.eval_before_training:
@@ -279,26 +281,32 @@ class _Run:
                         writer.write({"step": done, **scores})
                 if (t.save_steps and done % t.save_steps == 0) or (stop.requested and done < self.total_steps):
                     self._save(done)
-                if stop.requested:
+                if stop.requested and done < self.total_steps:
                     interrupted = True
                     break
         final_step = done if self.total_steps > start else start
-        eval_after = None
-        final_dir = None
+        result = self._finish(writer, final_step, interrupted, eval_before)
+        result.tokens_per_second = tokens / seconds if seconds else 0.0
+        return result
+
+    def _finish(self, writer: MetricsWriter, final_step: int, interrupted: bool, eval_before) -> TrainResult:
+        """Held-out evaluation, a last checkpoint and ``final/`` — unless the run was interrupted."""
+        eval_after = final_dir = None
         if not interrupted:
             eval_after = self._evaluate()
             if eval_after:
                 writer.write({"step": final_step, **eval_after})
-            if not list_checkpoints(self.run_dir) or latest_checkpoint(self.run_dir).name != f"step-{final_step:08d}":
+            latest = latest_checkpoint(self.run_dir)
+            if latest is None or latest.name != f"step-{final_step:08d}":
                 self._save(final_step)
         writer.close()
         history = read_metrics(self.run_dir)
         if not interrupted:
-            final_dir = export_final(self.config, self.accelerator.unwrap_model(self.wrapped).model,
-                                     self.tokenizer, self.run_dir, history, self.data, self.objective.primary.objective,
-                                     value_head=self.accelerator.unwrap_model(self.wrapped).value_head)
+            unwrapped = self.accelerator.unwrap_model(self.wrapped)
+            final_dir = export_final(self.config, unwrapped.model, self.tokenizer, self.run_dir, history, self.data,
+                                     self.objective.primary.objective, value_head=unwrapped.value_head)
         return TrainResult(self.run_dir, final_dir, final_step, eval_before, eval_after, history,
-                           tokens / seconds if seconds else 0.0, interrupted)
+                           interrupted=interrupted)
 
     def _optimizer_step(self, step: int, stats: MeanAccumulator) -> int:
         """Run the micro-batches of one optimizer step and apply it; returns the tokens processed."""

@@ -231,12 +231,12 @@ def test_sft_golden_on_pairs():
 
 
 def test_sft_golden_on_completions_only():
-    """No rejected completion: loss = [1/2, 4/4] = [0.5, 1.0], rejected rewards are zeros."""
+    """No rejected completion: loss = [1/2, 4/4] = [0.5, 1.0], rejected rewards are NaN (no rejected completion: metrics skip them)."""
     chosen = {k: v for k, v in tensors(PAIRS).items() if k in ("policy_chosen_logps", "chosen_tokens")}
     out = preference_loss("sft", **chosen)
     assert_values(out.losses, [0.5, 1.0])
     assert_values(out.chosen_rewards, A_C)
-    assert_values(out.rejected_rewards, [0.0, 0.0])
+    assert torch.isnan(out.rejected_rewards).all()
 
 
 @pytest.mark.parametrize(

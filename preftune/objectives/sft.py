@@ -22,5 +22,5 @@ def sft_loss(logps: PairedLogps, params: SFTParams) -> ObjectiveOutput:
     if logps.policy_rejected_logps is not None and logps.rejected_tokens is not None:
         rejected = logps.mean_logps("rejected").detach()
     else:  # single-completion data: there is nothing to compare against
-        rejected = torch.zeros_like(chosen).detach()
+        rejected = torch.full_like(chosen, float("nan")).detach()  # no rejected completion: NaN, as the contract says
     return ObjectiveOutput(losses=-chosen, chosen_rewards=chosen.detach(), rejected_rewards=rejected)
