@@ -12,16 +12,22 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("preftune")
 
 BUILTIN_PREFIX = "builtin:"
 # Bumped when the conversion changes, so that a cache written by an older preftune is rebuilt.
 CONVERSION_VERSION = 1
 MARKER = "preftune_builtin.json"
+# A conversion takes well under a minute; a temporary folder this old was left by a killed process.
+STALE_TMP_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -98,9 +104,12 @@ def _converted_folder(key: str, root: str) -> Path:
     if _is_current(final, marker):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final.parent, key)
+    log.info("converting %s from %s into %s (once; under a minute)", key, source, final)
     # Convert into a temporary sibling and rename it into place: an interrupted conversion leaves only a
     # .tmp folder behind, never a half-written model that a later run would trust.
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary readable folder
     try:
         _convert(source, tmp, BUILTIN_MODELS[key].dtype)
         (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
@@ -108,6 +117,16 @@ def _converted_folder(key: str, root: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _remove_stale_tmp(parent: Path, key: str) -> None:
+    """Temporary folders of conversions killed midway (~270 MB each); recent ones may be another process's."""
+    for path in parent.glob(f".{key}.tmp-*"):
+        try:
+            if time.time() - path.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _move_into_place(tmp: Path, final: Path, marker: dict) -> None:

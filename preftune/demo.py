@@ -152,8 +152,7 @@ def run_demo(overrides: list[str] = ()):
     from .trainer import train
 
     options, config_overrides = split_demo_overrides(list(overrides))
-    # Load once without data paths to learn the model and the output folder the overrides ask for.
-    config = load_config(RECIPE, config_overrides)
+    config = load_config(RECIPE, config_overrides)  # the data paths are filled in below
     resolve_model_path(config.model.name_or_path)  # convert now, so its time is not mistaken for training's
     data_dir = Path(config.training.output_dir) / "data"
     train_path, eval_path = build_demo_pairs(data_dir, options["seed"], options["n_train"], options["n_eval"])

@@ -172,6 +172,7 @@ def compare_files(judge: Judge, matched: list[tuple[Generation, Generation]], co
 
 
 def _kl_section(config: WinrateConfig, gen: GenerationsFile) -> dict:
+    import torch
     from tqdm.auto import tqdm
 
     from .sampling import load_for_sampling, load_tokenizer_for
@@ -192,7 +193,9 @@ def _kl_section(config: WinrateConfig, gen: GenerationsFile) -> dict:
     pairs = [sample_ids(tokenizer, row.prompt, c, use_template, s.get("max_new_tokens"))
              for row in gen.rows for c in row.completions]
     model_cfg = ModelConfig(dtype=config.kl.dtype)
-    policy, reference = load_for_sampling(policy_name, model_cfg), load_for_sampling(config.kl.reference, model_cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = load_for_sampling(policy_name, model_cfg).to(device)
+    reference = load_for_sampling(config.kl.reference, model_cfg).to(device)
     result = estimate_kl(policy, reference, pairs, tokenizer.pad_token_id, config.kl.batch_size,
                          config.kl.logps_chunk_size,
                          lambda it: tqdm(it, desc="KL(π‖π_ref)", unit="batch", disable=not config.progress_bar))

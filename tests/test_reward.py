@@ -78,7 +78,7 @@ def reward_config(tmp_path: Path, model_dir: Path, train_file: Path, **training)
     return {
         "model": {"name_or_path": str(model_dir), "max_length": 48},
         "data": {"train_file": str(train_file), "eval_fraction": 0.25},
-        "training": {"output_dir": str(tmp_path / "run"), "batch_size": 8, "learning_rate": 3e-3, "epochs": 3,
+        "training": {"output_dir": str(tmp_path / "run"), "batch_size": 8, "learning_rate": 3e-3, "epochs": 4,
                      "logging_steps": 2, "progress_bar": False, "seed": 0, **training},
     }
 
@@ -89,7 +89,7 @@ def keyword_run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("reward")
     recipe = tmp / "reward.yaml"
     recipe.write_text("# keyword task\n# Run:  preftune reward reward.yaml\n"
-                      + yaml.safe_dump(reward_config(tmp, tiny_model_dir, keyword_pairs(tmp / "kw.jsonl", 48))))
+                      + yaml.safe_dump(reward_config(tmp, tiny_model_dir, keyword_pairs(tmp / "kw.jsonl", 64))))
     assert main(["reward", str(recipe)]) == 0
     return tmp / "run", load_reward_config(recipe)
 
@@ -98,8 +98,8 @@ def test_reward_model_learns_the_keyword_task_to_full_held_out_accuracy(keyword_
     run_dir, _ = keyword_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/accuracy" in r]
-    assert evals[0]["step"] == 0 and evals[-1]["eval/accuracy"] == 1.0  # 12 held-out pairs, all ordered right
-    assert evals[-1]["eval/examples"] == 12 and evals[-1]["eval/margin"] > 0
+    assert evals[0]["step"] == 0 and evals[-1]["eval/accuracy"] == 1.0  # 16 held-out pairs, all ordered right
+    assert evals[-1]["eval/examples"] == 16 and evals[-1]["eval/margin"] > 0
     assert {"loss", "accuracy", "lr", "grad_norm"} <= set(rows[1])
     summary = json.loads((run_dir / "reward_summary.json").read_text())
     assert summary["eval_after"]["eval/accuracy"] == 1.0
@@ -180,7 +180,7 @@ def test_encoder_backbone_is_detected_and_mean_pooled(tmp_path):
 @pytest.mark.parametrize(("override", "message"), [
     ("training.batch_size=0", "'training.batch_size': must be > 0"),
     ("model.pooling=max", "'model.pooling': expected one of"),
-    ("model.name_or_path=", "'model.name_or_path': no backbone"),
+    ('model.name_or_path=""', "'model.name_or_path': no backbone"),
     ("training.bacth_size=2", "did you mean 'training.batch_size'"),
 ])
 def test_bad_reward_config_names_the_key(override, message):
