@@ -64,8 +64,7 @@ def _exact_piece(tokenizer, texts: list[str], start: int, n: int, lead: str = ""
     while len(encode(text)) < n + 8:
         text += " " + texts[i % len(texts)]
         i += 1
-    body = tokenizer.decode(encode(text)[: n - len(encode(suffix))]) if suffix else tokenizer.decode(encode(text)[:n])
-    piece = body + suffix
+    piece = tokenizer.decode(encode(text)[: n - len(encode(suffix))]) + suffix
     return piece if len(encode(piece)) == n and piece.startswith(lead) else None
 
 
@@ -90,6 +89,7 @@ def build_pairs(tokenizer, count: int, seed: int = 0) -> list[dict]:
 
 
 def prepare(workdir: Path, pairs: int) -> None:
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from preftune.testing import tiny_tokenizer
@@ -101,8 +101,6 @@ def prepare(workdir: Path, pairs: int) -> None:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
-    import torch
-
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
@@ -265,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                      "objective": f"dpo beta={BETA}", "reference": "frozen copy"},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "threads": args.threads or __import__("torch").get_num_threads(),
-                    "load_average_at_start": load_at_start},
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_at_start": load_at_start},
         "versions": _versions(),
         "results": results,
     }

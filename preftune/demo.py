@@ -161,7 +161,8 @@ def run_demo(overrides: list[str] = ()):
     result = train(config)
     print()
     if result.interrupted:
-        print(f"demo interrupted at step {result.steps}; checkpoint in {result.run_dir / 'checkpoints'}")
+        print(f"demo interrupted at step {result.steps}; checkpoint in {result.run_dir / 'checkpoints'} "
+              "(the demo starts over when run again; add training.resume=auto to continue from it)")
         return result
     print(f"DPO + LoRA on {options['n_train']} pairs, {result.steps} steps")
     print(format_table(result.eval_before, result.eval_after, options["n_eval"]))
