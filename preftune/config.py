@@ -292,11 +292,29 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
+def beside(recipe_dir: Path, value: str | None) -> str | None:
+    """A relative file path resolves against the current directory first, then against the recipe's folder."""
+    if value and not Path(value).exists() and (recipe_dir / value).exists():
+        return str(recipe_dir / value)
+    return value
+
+
+def load_section(cls: type, path: str | Path, overrides: list[str] = (), check=None) -> Any:
+    """A command's recipe: YAML + dotted overrides built into ``cls`` and checked by ``check(config)``; every
+    ConfigError names the recipe file."""
+    path = Path(path)
+    try:
+        config = build_section(cls, load_yaml(path, overrides))
+        if check is not None:
+            check(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return config
+
+
 def _resolve_paths(config: Config, base_dir: Path) -> None:
     for attr in ("train_file", "eval_file", "retain_file"):
-        value = getattr(config.data, attr)
-        if value and not Path(value).exists() and (base_dir / value).exists():
-            setattr(config.data, attr, str(base_dir / value))
+        setattr(config.data, attr, beside(base_dir, getattr(config.data, attr)))
 
 
 def _positive(key: str, value: float | None, allow_none: bool = True) -> None:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .config import ConfigError, ModelConfig, build_section, load_yaml
+from .config import ConfigError, ModelConfig, beside, load_section
 from .data import DataValidationError, read_rows
 from .data.fields import Fields, read_content
 from .data.report import format_problems
@@ -78,15 +78,8 @@ def _check(config: GenerateConfig) -> None:
 
 def load_generate_config(path: str | Path, overrides: list[str] = ()) -> GenerateConfig:
     """A generate recipe with dotted overrides; a relative prompts file may also sit beside the recipe."""
-    path = Path(path)
-    try:
-        config = build_section(GenerateConfig, load_yaml(path, overrides))
-        _check(config)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    prompts = Path(config.prompts.file)
-    if not prompts.exists() and (path.parent / prompts).exists():
-        config.prompts.file = str(path.parent / prompts)
+    config = load_section(GenerateConfig, path, overrides, _check)
+    config.prompts.file = beside(Path(path).parent, config.prompts.file)
     return config
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import ConfigError, build_section, load_yaml
+from .config import ConfigError, beside, build_section, load_yaml
 from .data import DataValidationError, read_rows
 from .data.fields import Fields, read_content
 from .data.report import format_problems
@@ -75,9 +75,7 @@ def load_label_config(path: str | Path, overrides: list[str] = ()) -> LabelConfi
             raise ConfigError("config keys 'min_margin' must be >= 0 and 'chunk_size' > 0")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    source = Path(config.input_file)
-    if not source.exists() and (path.parent / source).exists():  # as the training recipes resolve data files
-        config.input_file = str(path.parent / source)
+    config.input_file = beside(path.parent, config.input_file)  # as the training recipes resolve data files
     return config
 
 

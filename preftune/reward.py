@@ -25,7 +25,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from .config import ConfigError, build_section, load_yaml
+from .config import ConfigError, beside, load_section
 from .metrics import MetricsWriter
 from .reward_data import (
     Group,
@@ -110,16 +110,9 @@ def _check(config: RewardConfig) -> None:
 
 def load_reward_config(path: str | Path, overrides: list[str] = ()) -> RewardConfig:
     """A reward recipe with dotted overrides; relative data files may also sit beside the recipe."""
-    path = Path(path)
-    try:
-        config = build_section(RewardConfig, load_yaml(path, overrides))
-        _check(config)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    config = load_section(RewardConfig, path, overrides, _check)
     for attr in ("train_file", "eval_file"):
-        value = getattr(config.data, attr)
-        if value and not Path(value).exists() and (path.parent / value).exists():
-            setattr(config.data, attr, str(path.parent / value))
+        setattr(config.data, attr, beside(Path(path).parent, getattr(config.data, attr)))
     return config
 
 

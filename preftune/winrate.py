@@ -27,7 +27,7 @@ from typing import Any, Literal
 from .analysis.kl import estimate_kl, sample_ids
 from .analysis.lengths import length_stats
 from .analysis.winrate import win_rate
-from .config import ConfigError, ModelConfig, build_section, load_yaml
+from .config import ConfigError, ModelConfig, beside, build_section, load_yaml
 from .data import read_rows
 from .judges import Judge, JudgeError, build_judge, judge_config, preference_from_scores
 from .label import Generation, read_generations
@@ -95,9 +95,7 @@ def load_winrate_config(path: str | Path, overrides: list[str] = ()) -> WinrateC
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     for attr in ("model_file", "baseline_file"):
-        value = getattr(config, attr)
-        if value and not Path(value).exists() and (path.parent / value).exists():
-            setattr(config, attr, str(path.parent / value))
+        setattr(config, attr, beside(path.parent, getattr(config, attr)))
     return config
 
 

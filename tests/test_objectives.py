@@ -20,17 +20,10 @@ import random
 
 import pytest
 import torch
+from golden import PAIRS
 
 from preftune.objectives import make_params, preference_loss
 
-PAIRS = {
-    "policy_chosen_logps": [-1.0, -4.0],
-    "chosen_tokens": [2, 4],
-    "policy_rejected_logps": [-2.0, -3.0],
-    "rejected_tokens": [4, 2],
-    "reference_chosen_logps": [-1.5, -3.0],
-    "reference_rejected_logps": [-1.5, -3.5],
-}
 H_C, H_R = [0.5, -1.0], [-0.5, 0.5]
 A_C, A_R = [-0.5, -1.0], [-0.5, -1.5]
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")

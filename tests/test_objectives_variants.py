@@ -24,17 +24,9 @@ import random
 
 import pytest
 import torch
+from golden import PAIRS
 
 from preftune.objectives import make_params, preference_loss
-
-PAIRS = {
-    "policy_chosen_logps": [-1.0, -4.0],
-    "chosen_tokens": [2, 4],
-    "policy_rejected_logps": [-2.0, -3.0],
-    "rejected_tokens": [4, 2],
-    "reference_chosen_logps": [-1.5, -3.0],
-    "reference_rejected_logps": [-1.5, -3.5],
-}
 
 
 def softplus(x: float) -> float:
