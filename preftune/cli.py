@@ -43,6 +43,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    """A training recipe: held-out pair metrics of its model. A generations recipe (``model_file:``, see
+    configs/winrate.yaml): win rate, mean reward, KL and lengths, exactly as ``preftune winrate``."""
+    from .config import load_yaml
+
+    if "model_file" in load_yaml(args.config, args.overrides):
+        return _lazy("preftune.winrate:command")(args)
     from .evaluation import evaluate_model
 
     print(json.dumps(evaluate_model(load_config(args.config, args.overrides)), indent=2))
@@ -73,7 +79,9 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "train": Command("preference optimization with the config's objective (DPO by default)", run_train),
     "sft": Command("supervised fine-tuning: the same loop with the NLL objective on prompt/completion data", run_train),
-    "eval": Command("held-out pair metrics (reward accuracy, margins, log-probs) of a trained or base model", run_eval),
+    "eval": Command("held-out pair metrics (reward accuracy, margins, log-probs, SimPO's likelihood-length analysis) "
+                    "of a model; given a winrate recipe (model_file: ...), the same report as `preftune winrate`",
+                    run_eval),
     "demo": Command("the embedded default: SmolLM2-135M-Instruct + DPO/LoRA on movie-review preference pairs",
                     run_demo, takes_config=False),
     "generate": Command("sample K completions per prompt from a model or adapter (HF or vLLM) into resumable JSONL",
@@ -84,6 +92,8 @@ COMMANDS: dict[str, Command] = {
                       "preftune.reward:command", config_type="preftune.reward:RewardConfig"),
     "winrate": Command("evaluate generations: win rate vs a baseline under a judge, mean reward, KL(pi||ref), lengths",
                        "preftune.winrate:command", config_type="preftune.winrate:WinrateConfig"),
+    "frontier": Command("the DPO paper's controlled-sentiment experiment: reward vs KL of DPO, IPO, SimPO, ... plotted",
+                        "preftune.frontier:command", config_type="preftune.frontier_config:FrontierConfig"),
 }
 
 

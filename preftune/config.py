@@ -149,6 +149,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):  # a section inside a list, e.g. methods[2]
+        return _build(tp, value, f"{key}.")
     if origin is Literal:
         if value in typing.get_args(tp):
             return value

@@ -159,8 +159,10 @@ def test_winrate_command_and_config_errors(tmp_path):
     recipe.write_text("# test\n# Run:  preftune winrate winrate.yaml\n" + yaml.safe_dump({
         "model_file": "model.jsonl", "baseline_file": "baseline.jsonl", "output_file": str(tmp_path / "o.json"),
         "judge": {"type": "function", "function": f"{__name__}:length"}, "progress_bar": False}))
-    assert main(["winrate", str(recipe)]) == 0  # relative files resolve beside the recipe
-    assert json.loads((tmp_path / "o.json").read_text())["win_rate"]["win_rate"] == pytest.approx(1.75 / 3)
+    for command in ("winrate", "eval"):  # `preftune eval` given a generations recipe runs the same evaluation
+        (tmp_path / "o.json").unlink(missing_ok=True)
+        assert main([command, str(recipe)]) == 0  # relative files resolve beside the recipe
+        assert json.loads((tmp_path / "o.json").read_text())["win_rate"]["win_rate"] == pytest.approx(1.75 / 3)
     with pytest.raises(ConfigError, match="a win rate needs a judge"):
         load_winrate_config(recipe, ["judge={}"])
     with pytest.raises(ConfigError, match="'bootstrap.samples'"):
