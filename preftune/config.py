@@ -385,19 +385,19 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
 
 
-def describe_options(config_type: type = None, prefix: str = "") -> str:
-    """Every key of a config dataclass (``Config`` by default) with its default, nested sections dotted."""
+def describe_options(config_type: type = None, prefix: str = "", defaults: Any = None) -> str:
+    """Every key of a config dataclass (``Config`` by default) with its default, nested sections dotted. The
+    defaults are read off a default instance, so a section's own defaults (e.g. a preset model) show."""
     config_type = config_type or Config
-    hints = typing.get_type_hints(config_type)
+    defaults = config_type() if defaults is None else defaults
     lines = []
     for f in dataclasses.fields(config_type):
         if f.name.startswith("_"):
             continue
-        if dataclasses.is_dataclass(hints[f.name]):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
             lines.append(f"{prefix}{f.name}:")
-            lines.append(describe_options(hints[f.name], f"  {prefix.strip()}{f.name}."))
+            lines.append(describe_options(type(value), f"  {prefix.strip()}{f.name}.", value))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        lines.append(f"{prefix}{f.name} = {default!r}")
+        lines.append(f"{prefix}{f.name} = {value!r}")
     return "\n".join(lines)

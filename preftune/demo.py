@@ -10,11 +10,11 @@ held-out reviews it assigns the positive one a higher implicit reward.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_jsonl
 from .config import load_config, parse_overrides
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -70,14 +70,6 @@ def _pair_rows(good: list[Snippet], bad: list[Snippet], rng: random.Random) -> l
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # a reader never sees a half-written file
-
-
 def build_demo_pairs(out_dir: str | Path, seed: int = 0, n_train: int = 640, n_eval: int = 128) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``eval.jsonl`` of preference pairs to ``out_dir``; same seed, same files.
 
@@ -102,8 +94,8 @@ def build_demo_pairs(out_dir: str | Path, seed: int = 0, n_train: int = 640, n_e
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_path, eval_path = out / "train.jsonl", out / "eval.jsonl"
-    _write_jsonl(train_path, train_rows)
-    _write_jsonl(eval_path, eval_rows)
+    write_jsonl(train_path, train_rows)
+    write_jsonl(eval_path, eval_rows)
     return train_path, eval_path
 
 

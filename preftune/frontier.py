@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import statistics
@@ -41,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json, write_jsonl
 from .config import ModelConfig
 from .frontier_config import (
     FrontierConfig,
@@ -62,14 +62,20 @@ def reward_stage(config: FrontierConfig, out: Path) -> tuple[str, dict | None]:
     if config.reward.path:
         summary = Path(config.reward.path).parent / "reward_summary.json"
         return config.reward.path, json.loads(summary.read_text()) if summary.exists() else None
-    run_dir = out / "reward"
-    summary = run_dir / "reward_summary.json"
-    if not summary.exists():
-        from .reward import load_reward_config, train_reward
+    from .reward import load_reward_config, train_reward
 
+    run_dir = out / "reward"
+    summary, settings_file = run_dir / "reward_summary.json", run_dir / "frontier_settings.json"
+    recipe = load_reward_config(config.reward.recipe, [*config.reward.overrides, f"training.output_dir={run_dir}"])
+    settings = {"reward": _fingerprint(asdict(recipe))}
+    if summary.exists() and settings_file.exists():
+        if json.loads(settings_file.read_text()) != settings:
+            raise ValueError(f"{run_dir} holds a reward model trained from another recipe or other reward.overrides; "
+                             "delete that folder to retrain it, or choose another output_dir")
+    else:
         log.info("frontier: training the sentiment reward model (%s)", config.reward.recipe)
-        train_reward(load_reward_config(config.reward.recipe, [*config.reward.overrides,
-                                                               f"training.output_dir={run_dir}"]))
+        train_reward(recipe)
+        write_json(settings_file, settings)
     return str(run_dir / "final"), json.loads(summary.read_text())
 
 
@@ -97,20 +103,6 @@ def make_prompts(config: FrontierPromptsConfig) -> tuple[list[str], list[str]]:
     return prompts[config.eval :], prompts[: config.eval]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # -- sampling and judging ------------------------------------------------------------------------------------
 
 
@@ -130,8 +122,8 @@ def sample(config: FrontierConfig, model: str, prompts_file: Path, output: Path,
     )).generated
 
 
-def evaluate_point(config: FrontierConfig, judge, model: str, samples: Path, report: Path) -> dict:
-    """Mean reward of ``samples`` and their sequence KL from the starting policy (``preftune winrate``)."""
+def kl_and_lengths(config: FrontierConfig, model: str, samples: Path, report: Path) -> dict:
+    """Sequence KL of ``samples`` from the starting policy and their lengths (``preftune winrate``)."""
     from .winrate import KLConfig, WinrateConfig, evaluate_generations
 
     return evaluate_generations(WinrateConfig(
@@ -139,17 +131,27 @@ def evaluate_point(config: FrontierConfig, judge, model: str, samples: Path, rep
         kl=KLConfig(reference=config.policy.name_or_path, policy=model, dtype="float32",
                     batch_size=config.evaluation.kl_batch_size),
         chunk_size=64, output_file=str(report), progress_bar=config.progress_bar,
-    ), judge)
+    ))
 
 
-def best_of_n(scores: list[list[float]], n: int, lengths: list[list[int]] | None = None) -> dict:
+def reward_stats(rewards: list[float], threshold: float | None) -> dict:
+    """Mean reward with its standard error and, given the reward model's sign threshold, the fraction of
+    samples it reads as positive reviews (the closest thing to the paper's classifier probability)."""
+    stats = {"reward": statistics.fmean(rewards), "reward_stderr": _stderr(rewards)}
+    if threshold is not None:
+        positive = sum(r > threshold for r in rewards) / len(rewards)
+        stats.update(positive=positive, positive_stderr=math.sqrt(positive * (1 - positive) / len(rewards)))
+    return stats
+
+
+def best_of_n(scores: list[list[float]], n: int, lengths: list[list[int]] | None = None,
+              threshold: float | None = None) -> dict:
     """Best-of-n from ``scores`` (per prompt, the rewards of its samples): every prompt's samples are cut into
     ⌊len/n⌋ disjoint groups of n, and the reward of a group is its best (the first best on a tie). KL is the
     closed form. ``lengths`` (tokens of each sample) gives the mean length of the chosen samples."""
     chosen = [(p, max(range(i, i + n), key=lambda j: (scores[p][j], -j)))
               for p in range(len(scores)) for i in range(0, len(scores[p]) - n + 1, n)]
-    best = [scores[p][j] for p, j in chosen]
-    point = {"reward": statistics.fmean(best), "reward_stderr": _stderr(best), "groups": len(best),
+    point = {**reward_stats([scores[p][j] for p, j in chosen], threshold), "groups": len(chosen),
              "kl": math.log(n) - (n - 1) / n, "kl_stderr": 0.0}
     if lengths is not None:
         point["mean_tokens"] = statistics.fmean(lengths[p][j] for p, j in chosen)
@@ -175,12 +177,13 @@ class _Stage:
     config: FrontierConfig
     out: Path
     judge: Any = None
+    threshold: float | None = None  # the reward model's sign threshold: reward above it reads as positive
 
     def timed(self, name: str, start: float, did_work: bool = True) -> None:
         if did_work:
             path = self.out / "timings.json"
             timings = json.loads(path.read_text()) if path.exists() else {}
-            _write_json(path, {**timings, name: round(time.perf_counter() - start, 1)})
+            write_json(path, {**timings, name: round(time.perf_counter() - start, 1)})
 
     def timings(self) -> dict[str, float]:
         path = self.out / "timings.json"
@@ -216,7 +219,7 @@ def _baseline_points(stage: _Stage, prompts_file: Path) -> list[dict]:
     for n in sorted(set(config.evaluation.best_of)):
         label = "starting policy" if n == 1 else f"best of {n}"
         points.append({"name": f"best_of_{n}", "family": "best_of_n", "label": label, "params": {"n": n},
-                       "kl_from": "closed form log n - (n-1)/n", **best_of_n(scores, n, lengths)})
+                       "kl_from": "closed form log n - (n-1)/n", **best_of_n(scores, n, lengths, stage.threshold)})
     return points
 
 
@@ -229,7 +232,9 @@ def _method_point(stage: _Stage, index: int, pairs_file: Path, prompts_file: Pat
     method = config.methods[index]
     train_config = training_config(config, index, pairs_file, out)
     run_dir = out / "methods" / method.name
-    fingerprint = _fingerprint({"training": asdict(train_config), "pairs": _file_digest(pairs_file),
+    settings = asdict(train_config)
+    settings["training"].pop("progress_bar")  # how a run looks, not what it computes
+    fingerprint = _fingerprint({"training": settings, "pairs": _file_digest(pairs_file),
                                 "prompts": _file_digest(prompts_file), "sampling": asdict(config.sampling),
                                 "evaluation": config.evaluation.num_samples})
     cached = run_dir / "point.json"
@@ -248,18 +253,16 @@ def _method_point(stage: _Stage, index: int, pairs_file: Path, prompts_file: Pat
     start = time.perf_counter()
     samples = run_dir / "samples.jsonl"
     sample(config, str(result.final_dir), prompts_file, samples, config.evaluation.num_samples)
-    report = evaluate_point(config, stage.judge, str(result.final_dir), samples, run_dir / "evaluation.json")
-    scores = _scored_samples(stage, samples)
-    flat = [s for row in scores for s in row]
+    rewards = [r for row in _scored_samples(stage, samples) for r in row]
+    report = kl_and_lengths(config, str(result.final_dir), samples, run_dir / "evaluation.json")
     params = {k: v for k, v in method.objective.items() if k != "name"}
     point = {"name": method.name, "family": method.family or method.objective["name"], "label": method.name,
-             "objective": method.objective["name"], "params": params,
-             "reward": report["reward"]["model"]["mean"], "reward_stderr": _stderr(flat),
+             "objective": method.objective["name"], "params": params, **reward_stats(rewards, stage.threshold),
              "kl": report["kl"]["mean"], "kl_stderr": report["kl"]["stderr"],
              "mean_tokens": report["lengths"]["model"].get("tokens/mean"),
              "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - start, 1),
              "train_metrics": result.eval_after or {}, "fingerprint": fingerprint}
-    _write_json(cached, point)
+    write_json(cached, point)
     return point
 
 
@@ -280,12 +283,13 @@ def run_frontier(config: FrontierConfig, judge=None) -> dict:
     trained_before = (out / "reward" / "reward_summary.json").exists()
     reward_path, reward_summary = (None, None) if judge is not None else reward_stage(config, out)
     stage.timed("reward_model", start, judge is None and not config.reward.path and not trained_before)
+    stage.threshold = ((reward_summary or {}).get("sentiment") or {}).get("sign_threshold")
     stage.judge = judge or build_judge({"type": "reward_model", "path": reward_path, "include_prompt": True,
                                         "batch_size": config.reward.batch_size})
     train_prompts, eval_prompts = make_prompts(config.prompts)
     train_file, eval_file = out / "prompts" / "train.jsonl", out / "prompts" / "eval.jsonl"
-    _write_jsonl(train_file, [{"prompt": p} for p in train_prompts])
-    _write_jsonl(eval_file, [{"prompt": p} for p in eval_prompts])
+    write_jsonl(train_file, [{"prompt": p} for p in train_prompts])
+    write_jsonl(eval_file, [{"prompt": p} for p in eval_prompts])
 
     start = time.perf_counter()
     p = config.pairs

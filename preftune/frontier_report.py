@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
+
+from .atomic import write_json, write_text
 
 # One colour and marker per family, so the same method looks the same in every plot.
 STYLE = {
@@ -36,24 +37,21 @@ def _pm(value: float | None, err: float | None, digits: int = 3) -> str:
 
 def format_table(points: list[dict]) -> str:
     """Markdown table of the points, best-of-n first, then in config order."""
-    lines = ["| method | settings | KL(π‖π_ref) (nats) | mean reward | tokens | train (s) |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    positive = any("positive" in p for p in points)
+    lines = ["| method | settings | KL(π‖π_ref) (nats) | mean reward | " + ("positive | " if positive else "")
+             + "tokens | train (s) |", "| --- | --- | ---: | ---: | " + ("---: | " if positive else "") + "---: | ---: |"]
     for p in points:
         tokens = f"{p['mean_tokens']:.1f}" if p.get("mean_tokens") is not None else "–"
         seconds = f"{p['train_seconds']:.0f}" if p.get("train_seconds") is not None else "–"
+        share = f"{_pm(p.get('positive'), p.get('positive_stderr'))} | " if positive else ""
         lines.append(f"| {p['label']} ({_family_name(p['family'])}) | {_params(p)} | {_pm(p['kl'], p.get('kl_stderr'))} "
-                     f"| {_pm(p['reward'], p.get('reward_stderr'))} | {tokens} | {seconds} |")
+                     f"| {_pm(p['reward'], p.get('reward_stderr'))} | {share}{tokens} | {seconds} |")
     return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> None:
-    """Reward against KL; error bars are one standard error (the KL of Best-of-N is exact, so it has none)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+def _panel(ax, report: dict, key: str, ylabel: str) -> None:
+    """One family per colour and marker, its points joined in order of KL; error bars are one standard error
+    (the KL of Best-of-N is exact, so it has none)."""
     families: dict[str, list[dict]] = {}
     for point in report["points"]:
         families.setdefault(point["family"], []).append(point)
@@ -61,21 +59,35 @@ def plot(report: dict, path: Path) -> None:
     for family, points in families.items():
         colour, marker = STYLE.get(family) or (next(extra), "X")
         points = sorted(points, key=lambda p: p["kl"])
-        xs, ys = [p["kl"] for p in points], [p["reward"] for p in points]
-        ax.errorbar(xs, ys, xerr=[p.get("kl_stderr") or 0 for p in points],
-                    yerr=[p.get("reward_stderr") or 0 for p in points], color=colour, marker=marker, markersize=7,
-                    linestyle="-" if len(points) > 1 else "none", linewidth=1.2, capsize=2,
-                    label=_family_name(family))
+        ax.errorbar([p["kl"] for p in points], [p[key] for p in points],
+                    xerr=[p.get("kl_stderr") or 0 for p in points], yerr=[p.get(f"{key}_stderr") or 0 for p in points],
+                    color=colour, marker=marker, markersize=7, linestyle="-" if len(points) > 1 else "none",
+                    linewidth=1.2, capsize=2, label=_family_name(family))
         for p in points:
             note = ", ".join(f"{k}={v}" for k, v in p.get("params", {}).items() if k in ("beta", "n"))
             if note and len(points) > 1:
-                ax.annotate(note, (p["kl"], p["reward"]), textcoords="offset points", xytext=(5, -11), fontsize=7,
+                ax.annotate(note, (p["kl"], p[key]), textcoords="offset points", xytext=(5, -11), fontsize=7,
                             color=colour)
     ax.set_xlabel("KL(π ‖ π_ref), nats per sequence (held-out prompts)")
-    ax.set_ylabel("mean reward (sentiment reward model)")
-    ax.set_title(f"{report['title']}: {report['policy']}", fontsize=10)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+
+
+def plot(report: dict, path: Path) -> None:
+    """Mean reward against KL, and beside it the fraction of samples read as positive when the reward model
+    has a sign threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    positive = all("positive" in p for p in report["points"])
+    fig, axes = plt.subplots(1, 2 if positive else 1, figsize=(13 if positive else 7.5, 5), dpi=120, squeeze=False)
+    _panel(axes[0][0], report, "reward", "mean reward (sentiment reward model)")
+    if positive:
+        _panel(axes[0][1], report, "positive", "fraction of samples read as positive")
+    axes[0][0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{report['title']}: {report['policy']}", fontsize=11)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
@@ -92,21 +104,21 @@ def markdown(report: dict) -> str:
              f"held-out prompts (review prefixes); continuations of at most {s['max_new_tokens']} tokens.", ""]
     if sentiment:
         lines += [f"Ground-truth reward: the sentiment reward model, held-out sign accuracy "
-                  f"**{sentiment['sign_accuracy']:.3f}** on {sentiment['held_out_snippets']} rated snippets.", ""]
+                  f"**{sentiment['sign_accuracy']:.3f}** on {sentiment['held_out_snippets']} rated snippets "
+                  f"(sign threshold {sentiment['sign_threshold']:.3f}).", ""]
     lines += [f"Preference pairs: {pairs.get('rows_written', '?')} (best vs worst of the starting policy's samples; "
               f"{pairs.get('all_tied_prompts', 0)} prompts gave none: every sample tied). Every trained point is evaluated on {e['num_samples']} samples "
               "per held-out prompt at temperature 1; KL is the mean of log π(y|x) − log π_ref(y|x) over them.", "",
               "![reward against KL](frontier.png)", "", format_table(report["points"]), "",
-              "± is one standard error. Best-of-N's KL is the closed form log N − (N − 1)/N.", "", "Wall time (s): " +
+              "± is one standard error. Best-of-N's KL is the closed form log N − (N − 1)/N. *positive*: the "
+              "fraction of samples whose reward is above the reward model's sign threshold (calibrated on the train "
+              "snippets: above it, a review reads as positive).", "", "Wall time (s): " +
               ", ".join(f"{k} {v}" for k, v in report.get("seconds", {}).items()), ""]
     return "\n".join(lines)
 
 
 def write_report(report: dict, out: Path) -> None:
     """frontier.json, frontier.md and frontier.png in ``out``, each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("frontier.json", json.dumps(report, indent=2) + "\n"), ("frontier.md", markdown(report))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    write_json(out / "frontier.json", report)
+    write_text(out / "frontier.md", markdown(report))
     plot(report, out / "frontier.png")

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .atomic import write_jsonl
 from .config import ConfigError, beside, build_section, load_yaml
 from .data import DataValidationError, read_rows
 from .data.fields import Fields, read_content
@@ -197,21 +196,6 @@ def label_rows(config: LabelConfig, gen: Generation, texts: list[str], scores: l
     return _pairs(config, gen.prompt, scored, rng, counts)
 
 
-def _write_atomically(path: Path, rows: list[dict]) -> None:
-    """Readers never see half a file: write a temporary file beside it, fsync, rename over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def label(config: LabelConfig, judge: Judge | None = None) -> dict:
     """Label the generations file; returns the summary (also written to ``label_summary.json``)."""
     from tqdm.auto import tqdm
@@ -235,7 +219,7 @@ def label(config: LabelConfig, judge: Judge | None = None) -> dict:
         if own_judge:
             judge.close()
     output = Path(config.output_file)
-    _write_atomically(output, rows)
+    write_jsonl(output, rows)
     summary = {"input_file": str(config.input_file), "output_file": str(output), "format": config.format,
                "prompts": len(generations), "completions": sum(len(g.completions) for g in generations),
                "rows_written": len(rows), **dict(counts), "judge": judge.summary()}

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
+from .atomic import write_jsonl
 from .config import Config, save_config
 
 log = logging.getLogger("preftune")
@@ -24,12 +24,6 @@ def _rows(examples) -> list[dict]:
     return [{k: v for k, v in dataclasses.asdict(ex).items() if k != "source"} for ex in examples]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def stage_files(config: Config, splits, folder: Path) -> tuple[list[Path], Path | None]:
     """``training.stages: N`` cuts the validated train split into N consecutive parts in file order (sort
     the file easy-to-hard for the paper's curriculum); a list of files gives one stage per file."""
@@ -38,7 +32,7 @@ def stage_files(config: Config, splits, folder: Path) -> tuple[list[Path], Path 
     eval_file = None
     if splits.eval:
         eval_file = folder / "eval.jsonl"
-        _write_jsonl(eval_file, _rows(splits.eval))
+        write_jsonl(eval_file, _rows(splits.eval))
     if isinstance(stages, list):
         return [Path(p) for p in stages], eval_file
     if stages > len(splits.train):
@@ -47,7 +41,7 @@ def stage_files(config: Config, splits, folder: Path) -> tuple[list[Path], Path 
     files = []
     for t in range(stages):
         path = folder / f"stage-{t + 1}.jsonl"
-        _write_jsonl(path, _rows(splits.train[bounds[t] : bounds[t + 1]]))
+        write_jsonl(path, _rows(splits.train[bounds[t] : bounds[t + 1]]))
         files.append(path)
     return files, eval_file
 

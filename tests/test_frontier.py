@@ -62,6 +62,10 @@ def test_best_of_n_by_hand():
     assert two["mean_tokens"] == 13.0
     assert two["reward_stderr"] == pytest.approx(statistics.stdev([3, 5, 0, 4]) / 2)
     assert best_of_n([[1.0, 2.0, 3.0]], 2)["groups"] == 1  # a remainder smaller than n is left out
+    # with a sign threshold of 2.5, three of the four n=2 bests (3, 5, 4; not 0) read as positive
+    two = best_of_n(scores, 2, threshold=2.5)
+    assert two["positive"] == 0.75 and two["positive_stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
+    assert "positive" not in best_of_n(scores, 2)
 
 
 def _config(tmp_path: Path, model: Path, **extra) -> FrontierConfig:
@@ -171,3 +175,26 @@ def test_the_presets_load_and_their_reward_recipe_is_found():
         families = {m.family or m.objective["name"] for m in config.methods}
         assert {"dpo", "ipo", "simpo", "sft", "unlikelihood"} <= families
         assert 1 in config.evaluation.best_of
+
+
+def test_reward_stage_trains_once_and_refuses_a_changed_recipe(tmp_path, tiny_model_dir, monkeypatch):
+    from preftune.frontier import reward_stage
+
+    recipe = tmp_path / "reward.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model_dir), "max_length": 32},
+        "data": {"train_file": str(ROOT / "examples" / "pairs.jsonl")},
+        "training": {"max_steps": 2, "batch_size": 4, "progress_bar": False, "eval_before_training": False}}))
+    config = _config(tmp_path, tiny_model_dir, reward={"recipe": str(recipe)})
+    path, summary = reward_stage(config, tmp_path / "out")
+    assert Path(path) == tmp_path / "out" / "reward" / "final" and (Path(path) / "reward_model.json").is_file()
+    assert summary["final_dir"] == path
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reward model was trained again")
+
+    monkeypatch.setattr("preftune.reward.train_reward", refuse)
+    assert reward_stage(config, tmp_path / "out") == (path, summary)
+    changed = _config(tmp_path, tiny_model_dir, reward={"recipe": str(recipe), "overrides": ["training.max_steps=3"]})
+    with pytest.raises(ValueError, match=r"reward holds a reward model trained from another recipe"):
+        reward_stage(changed, tmp_path / "out")
