@@ -107,7 +107,7 @@ def markdown(report: dict) -> str:
                   f"**{sentiment['sign_accuracy']:.3f}** on {sentiment['held_out_snippets']} rated snippets "
                   f"(sign threshold {sentiment['sign_threshold']:.3f}).", ""]
     lines += [f"Preference pairs: {pairs.get('rows_written', '?')} (best vs worst of the starting policy's samples; "
-              f"{pairs.get('all_tied_prompts', 0)} prompts gave none: every sample tied). Every trained point is evaluated on {e['num_samples']} samples "
+              f"prompts whose samples all tied, so no pair: {pairs.get('all_tied_prompts', 0)}). Every trained point is evaluated on {e['num_samples']} samples "
               "per held-out prompt at temperature 1; KL is the mean of log π(y|x) − log π_ref(y|x) over them.", "",
               "![reward against KL](frontier.png)", "", format_table(report["points"]), "",
               "± is one standard error. Best-of-N's KL is the closed form log N − (N − 1)/N. *positive*: the "
