@@ -74,8 +74,10 @@ def reward_stage(config: FrontierConfig, out: Path) -> tuple[str, dict | None]:
                              "delete that folder to retrain it, or choose another output_dir")
     else:
         log.info("frontier: training the sentiment reward model (%s)", config.reward.recipe)
+        start = time.perf_counter()
         train_reward(recipe)
         write_json(settings_file, settings)
+        _record_time(out, "reward_model", start)
     return str(run_dir / "final"), json.loads(summary.read_text())
 
 
@@ -181,13 +183,17 @@ class _Stage:
 
     def timed(self, name: str, start: float, did_work: bool = True) -> None:
         if did_work:
-            path = self.out / "timings.json"
-            timings = json.loads(path.read_text()) if path.exists() else {}
-            write_json(path, {**timings, name: round(time.perf_counter() - start, 1)})
+            _record_time(self.out, name, start)
 
     def timings(self) -> dict[str, float]:
         path = self.out / "timings.json"
         return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _record_time(out: Path, name: str, start: float) -> None:
+    path = out / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    write_json(path, {**timings, name: round(time.perf_counter() - start, 1)})
 
 
 def _scored_samples(stage: _Stage, samples: Path) -> list[list[float]]:
@@ -279,10 +285,7 @@ def run_frontier(config: FrontierConfig, judge=None) -> dict:
     check(config)
     out = Path(config.output_dir)
     stage = _Stage(config, out)
-    start = time.perf_counter()
-    trained_before = (out / "reward" / "reward_summary.json").exists()
     reward_path, reward_summary = (None, None) if judge is not None else reward_stage(config, out)
-    stage.timed("reward_model", start, judge is None and not config.reward.path and not trained_before)
     stage.threshold = ((reward_summary or {}).get("sentiment") or {}).get("sign_threshold")
     stage.judge = judge or build_judge({"type": "reward_model", "path": reward_path, "include_prompt": True,
                                         "batch_size": config.reward.batch_size})

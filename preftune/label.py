@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .atomic import write_jsonl
-from .config import ConfigError, beside, build_section, load_yaml
+from .config import ConfigError, beside, load_section
 from .data import DataValidationError, read_rows
 from .data.fields import Fields, read_content
 from .data.report import format_problems
@@ -62,19 +62,18 @@ class Generation:
     completions: list[str]
 
 
+def _check(config: LabelConfig) -> None:
+    if not config.input_file:
+        raise ConfigError("config key 'input_file': the generations file to label is not set")
+    if not config.judge:
+        raise ConfigError("config section 'judge' is missing; it needs at least a 'type'")
+    if config.min_margin < 0 or config.chunk_size <= 0:
+        raise ConfigError("config keys 'min_margin' must be >= 0 and 'chunk_size' > 0")
+
+
 def load_label_config(path: str | Path, overrides: list[str] = ()) -> LabelConfig:
-    path = Path(path)
-    try:
-        config = build_section(LabelConfig, load_yaml(path, overrides))
-        if not config.input_file:
-            raise ConfigError("config key 'input_file': the generations file to label is not set")
-        if not config.judge:
-            raise ConfigError("config section 'judge' is missing; it needs at least a 'type'")
-        if config.min_margin < 0 or config.chunk_size <= 0:
-            raise ConfigError("config keys 'min_margin' must be >= 0 and 'chunk_size' > 0")
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    config.input_file = beside(path.parent, config.input_file)  # as the training recipes resolve data files
+    config = load_section(LabelConfig, path, overrides, _check)
+    config.input_file = beside(Path(path).parent, config.input_file)  # as the training recipes resolve data files
     return config
 
 

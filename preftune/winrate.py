@@ -27,7 +27,7 @@ from typing import Any, Literal
 from .analysis.kl import estimate_kl, sample_ids
 from .analysis.lengths import length_stats
 from .analysis.winrate import win_rate
-from .config import ConfigError, ModelConfig, beside, build_section, load_yaml
+from .config import ConfigError, ModelConfig, beside, load_section
 from .data import read_rows
 from .judges import Judge, JudgeError, build_judge, judge_config, preference_from_scores
 from .label import Generation, read_generations
@@ -78,24 +78,23 @@ class GenerationsFile:
     settings: dict  # its `generation` settings (temperature, max_new_tokens, chat_template, ...)
 
 
+def _check(config: WinrateConfig) -> None:
+    if not config.model_file:
+        raise ConfigError("config key 'model_file': the generations file to evaluate is not set")
+    if config.baseline_file and not config.judge:
+        raise ConfigError("config key 'baseline_file' is set but section 'judge' is missing: a win rate needs a judge")
+    if config.judge:
+        judge_config(config.judge)  # its keys are checked now, before any file is read or model loaded
+    b = config.bootstrap
+    if b.samples <= 0 or not 0 < b.confidence < 1 or config.chunk_size <= 0 or config.kl.batch_size <= 0:
+        raise ConfigError("config keys 'bootstrap.samples', 'chunk_size', 'kl.batch_size' must be > 0 and "
+                          "'bootstrap.confidence' in (0, 1)")
+
+
 def load_winrate_config(path: str | Path, overrides: list[str] = ()) -> WinrateConfig:
-    path = Path(path)
-    try:
-        config = build_section(WinrateConfig, load_yaml(path, overrides))
-        if not config.model_file:
-            raise ConfigError("config key 'model_file': the generations file to evaluate is not set")
-        if config.baseline_file and not config.judge:
-            raise ConfigError("config key 'baseline_file' is set but section 'judge' is missing: a win rate needs a judge")
-        if config.judge:
-            judge_config(config.judge)  # its keys are checked now, before any file is read or model loaded
-        b = config.bootstrap
-        if b.samples <= 0 or not 0 < b.confidence < 1 or config.chunk_size <= 0 or config.kl.batch_size <= 0:
-            raise ConfigError("config keys 'bootstrap.samples', 'chunk_size', 'kl.batch_size' must be > 0 and "
-                              "'bootstrap.confidence' in (0, 1)")
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    config = load_section(WinrateConfig, path, overrides, _check)
     for attr in ("model_file", "baseline_file"):
-        setattr(config, attr, beside(path.parent, getattr(config, attr)))
+        setattr(config, attr, beside(Path(path).parent, getattr(config, attr)))
     return config
 
 
