@@ -26,7 +26,7 @@ def _print_metrics(title: str, metrics: dict | None) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .trainer import train
+    from .training.loop import train
 
     config = load_config(args.config, args.overrides)
     if args.command == "sft":
@@ -48,15 +48,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from .config import load_yaml
 
     if "model_file" in load_yaml(args.config, args.overrides):
-        return _lazy("preftune.winrate:command")(args)
-    from .evaluation import evaluate_model
+        return _lazy("preftune.evaluation.winrate:command")(args)
+    from .evaluation.heldout import evaluate_model
 
     print(json.dumps(evaluate_model(load_config(args.config, args.overrides)), indent=2))
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo as demo
+    from .experiments.demo import run_demo as demo
 
     demo(args.overrides)
     return 0
@@ -85,15 +85,15 @@ COMMANDS: dict[str, Command] = {
     "demo": Command("the embedded default: SmolLM2-135M-Instruct + DPO/LoRA on movie-review preference pairs",
                     run_demo, takes_config=False),
     "generate": Command("sample K completions per prompt from a model or adapter (HF or vLLM) into resumable JSONL",
-                        "preftune.generate:command", config_type="preftune.generate:GenerateConfig"),
+                        "preftune.feedback.generate:command", config_type="preftune.feedback.generate:GenerateConfig"),
     "label": Command("judge generations into preference pairs, ranked lists or unpaired labels (AI feedback)",
-                     "preftune.label:command", config_type="preftune.label:LabelConfig"),
+                     "preftune.feedback.label:command", config_type="preftune.feedback.label:LabelConfig"),
     "reward": Command("train a Bradley-Terry reward model (a scalar head on any backbone) from pairs or ranked lists",
-                      "preftune.reward:command", config_type="preftune.reward:RewardConfig"),
+                      "preftune.reward.train:command", config_type="preftune.reward.train:RewardConfig"),
     "winrate": Command("evaluate generations: win rate vs a baseline under a judge, mean reward, KL(pi||ref), lengths",
-                       "preftune.winrate:command", config_type="preftune.winrate:WinrateConfig"),
+                       "preftune.evaluation.winrate:command", config_type="preftune.evaluation.winrate:WinrateConfig"),
     "frontier": Command("the DPO paper's controlled-sentiment experiment: reward vs KL of DPO, IPO, SimPO, ... plotted",
-                        "preftune.frontier:command", config_type="preftune.frontier_config:FrontierConfig"),
+                        "preftune.experiments.frontier.run:command", config_type="preftune.experiments.frontier.config:FrontierConfig"),
 }
 
 

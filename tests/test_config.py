@@ -32,7 +32,9 @@ def test_every_recipe_loads_with_its_command(path):
         assert Path(config.data.train_file).is_file(), config.data.train_file
         assert config.training.output_dir.startswith("runs/")
     else:  # commands with their own sections load through their module's loader
-        module = importlib.import_module(f"preftune.{command}")
+        from preftune.cli import COMMANDS
+
+        module = importlib.import_module(COMMANDS[command].handler.partition(":")[0])
         getattr(module, f"load_{command}_config")(path)
 
 

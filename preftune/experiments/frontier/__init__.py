@@ -1,0 +1,1 @@
+"""The DPO paper's controlled-sentiment experiment: its config, the stages that run it, and its report."""

@@ -1,0 +1,1 @@
+"""Building preference data: sampling completions (generate), judges, and labelling them into pairs."""

@@ -1,0 +1,250 @@
+"""``preftune label CONFIG``: generations + a judge -> preference data (the Zephyr / UltraFeedback recipe).
+
+Each prompt's completions (from ``preftune generate``) are scored by the judge: a pointwise judge scores
+each one; a pairwise judge compares every two (K(K-1)/2 comparisons) and a completion's score is its mean
+probability of beating the others. Repeated completions are judged once, blank ones not at all. Then:
+
+- ``best_vs_worst``: one pair per prompt, the highest against the lowest score.
+- ``best_vs_random``: the highest against one drawn at random (seeded) among those scored below it.
+- ``all_pairs``: every two completions whose scores differ, the higher one chosen.
+- ``ranked``: ``prompt``, ``completions`` (best first), ``scores``.
+- ``unpaired``: ``prompt``, ``completion``, ``label`` (score above ``threshold``, or above the prompt's
+  median when no threshold is set) and ``score``; a completion exactly at the threshold is a tie.
+
+Two scores within ``min_margin`` of each other are a tie: the pair is skipped and counted; a prompt whose
+completions all tie gives no pair and is counted. Text prompts give text rows, message prompts
+conversational ones (each completion as a one-message assistant turn), as the training data loader wants. Pairs carry ``score_chosen`` and
+``score_rejected`` too. A summary is printed and written beside the output as ``label_summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..atomic import write_jsonl
+from ..config import ConfigError, beside, load_section
+from ..data import DataValidationError, read_rows
+from ..data.fields import Fields, read_content
+from ..data.report import format_problems
+from .judges import Judge, JudgeError, build_judge
+
+# always in the summary, zeros included, so that "no ties" is visibly a count of 0
+COUNTS = ("empty_completions", "duplicate_completions", "unscored_completions", "prompts_too_few_scored",
+          "all_tied_prompts", "tied_pairs", "tied_completions")
+
+
+@dataclass
+class LabelConfig:
+    input_file: str = ""  # the JSONL written by `preftune generate`
+    output_file: str = "runs/labelled/pairs.jsonl"
+    format: Literal["best_vs_worst", "best_vs_random", "all_pairs", "ranked", "unpaired"] = "best_vs_worst"
+    threshold: float | None = None  # unpaired: label = score > threshold; null: above the prompt's median
+    min_margin: float = 0.0  # pairs scored within this of each other are ties
+    seed: int = 0  # best_vs_random's draw
+    chunk_size: int = 32  # prompts per judge call; the progress bar moves per chunk
+    progress_bar: bool = True
+    judge: dict[str, Any] = field(default_factory=dict)  # `type:` plus that judge's keys
+
+
+@dataclass
+class Generation:
+    source: str  # "generations.jsonl:12"
+    position: int  # 0-based row number in the file: seeds best_vs_random's draw for this prompt
+    prompt: str | list[dict]
+    completions: list[str]
+
+
+def _check(config: LabelConfig) -> None:
+    if not config.input_file:
+        raise ConfigError("config key 'input_file': the generations file to label is not set")
+    if not config.judge:
+        raise ConfigError("config section 'judge' is missing; it needs at least a 'type'")
+    if config.min_margin < 0 or config.chunk_size <= 0:
+        raise ConfigError("config keys 'min_margin' must be >= 0 and 'chunk_size' > 0")
+
+
+def load_label_config(path: str | Path, overrides: list[str] = ()) -> LabelConfig:
+    config = load_section(LabelConfig, path, overrides, _check)
+    config.input_file = beside(Path(path).parent, config.input_file)  # as the training recipes resolve data files
+    return config
+
+
+def read_generations(path: str | Path) -> list[Generation]:
+    """Rows with a prompt (text or messages) and a list of completion strings; every problem is reported."""
+    rows, problems = [], []
+    for row in read_rows(path):
+        found: list[str] = []
+        if row.problem is not None:
+            found.append(row.problem)
+        elif not isinstance(row.value, dict):
+            found.append("expected an object with 'prompt' and 'completions'")
+        else:
+            prompt = read_content(Fields(row.value, {}), "prompt", found)
+            completions = row.value.get("completions")
+            if not (isinstance(completions, list) and completions and all(isinstance(c, str) for c in completions)):
+                found.append("field 'completions': expected a non-empty list of strings")
+            if not found:
+                rows.append(Generation(row.source, len(rows), prompt, completions))
+        problems += [f"{row.source}: {p}" for p in found]
+    if problems:
+        raise DataValidationError(format_problems(f"{len(problems)} problems in the generations file:", problems, 20))
+    return rows
+
+
+def candidates(gen: Generation, counts: Counter) -> list[str]:
+    """The completions worth judging: each distinct non-blank text once, in order."""
+    seen: dict[str, None] = {}
+    for text in gen.completions:
+        if not text.strip():
+            counts["empty_completions"] += 1
+        elif text in seen:
+            counts["duplicate_completions"] += 1
+        else:
+            seen[text] = None
+    return list(seen)
+
+
+def score_chunk(judge: Judge, prompts: list, texts: list[list[str]]) -> list[list[float | None]]:
+    """Scores for every prompt's candidate texts (see the module docstring for pairwise judges)."""
+    if judge.pointwise:
+        flat = judge.score([p for p, ts in zip(prompts, texts, strict=True) for _ in ts], [t for ts in texts for t in ts])
+        out, start = [], 0
+        for ts in texts:
+            out.append(flat[start : start + len(ts)])
+            start += len(ts)
+        return out
+    pairs = [(k, i, j) for k, ts in enumerate(texts) for i in range(len(ts)) for j in range(i + 1, len(ts))]
+    probs = judge.compare([prompts[k] for k, _, _ in pairs], [texts[k][i] for k, i, _ in pairs],
+                          [texts[k][j] for k, _, j in pairs])
+    wins: list[list[list[float]]] = [[[] for _ in ts] for ts in texts]
+    for (k, i, j), p in zip(pairs, probs, strict=True):
+        if p is not None:
+            wins[k][i].append(p)
+            wins[k][j].append(1.0 - p)
+    return [[sum(w) / len(w) if w else None for w in per_prompt] for per_prompt in wins]
+
+
+def _as_completion(prompt: str | list[dict], text: str) -> str | list[dict]:
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+def _pair(prompt, chosen: tuple[str, float], rejected: tuple[str, float]) -> dict:
+    return {"prompt": prompt, "chosen": _as_completion(prompt, chosen[0]), "rejected": _as_completion(prompt, rejected[0]),
+            "score_chosen": chosen[1], "score_rejected": rejected[1]}
+
+
+def _pairs(config: LabelConfig, prompt, scored: list[tuple[str, float]], rng: random.Random, counts: Counter) -> list[dict]:
+    # max/min keep the first of equal scores, so the choice among tied completions follows file order
+    best, worst = max(scored, key=lambda c: c[1]), min(scored, key=lambda c: c[1])
+    if config.format == "best_vs_worst":
+        return [_pair(prompt, best, worst)]
+    if config.format == "best_vs_random":
+        below = [c for c in scored if best[1] - c[1] > config.min_margin]
+        return [_pair(prompt, best, rng.choice(below))]
+    rows = []
+    for i, a in enumerate(scored):
+        for b in scored[i + 1 :]:
+            if abs(a[1] - b[1]) <= config.min_margin:
+                counts["tied_pairs"] += 1
+            else:
+                rows.append(_pair(prompt, a, b) if a[1] > b[1] else _pair(prompt, b, a))
+    return rows
+
+
+def _unpaired(config: LabelConfig, prompt, scored: list[tuple[str, float]], counts: Counter) -> list[dict]:
+    threshold = config.threshold if config.threshold is not None else statistics.median(s for _, s in scored)
+    rows = []
+    for text, score in scored:
+        if score == threshold:
+            counts["tied_completions"] += 1
+            continue
+        rows.append({"prompt": prompt, "completion": _as_completion(prompt, text), "label": score > threshold,
+                     "score": score})
+    return rows
+
+
+def label_rows(config: LabelConfig, gen: Generation, texts: list[str], scores: list[float | None],
+               counts: Counter) -> list[dict]:
+    """The output rows of one prompt; ties, unscored completions and empty prompts are counted."""
+    counts["unscored_completions"] += sum(s is None for s in scores)
+    scored = [(t, s) for t, s in zip(texts, scores, strict=True) if s is not None]
+    rng = random.Random(f"{config.seed}:{gen.position}")
+    if len(scored) < (1 if config.format == "unpaired" else 2):
+        counts["prompts_too_few_scored"] += 1
+        return []
+    values = [s for _, s in scored]
+    tied = max(values) - min(values) <= (0.0 if config.format == "unpaired" else config.min_margin)
+    if tied and len(scored) > 1:
+        counts["all_tied_prompts"] += 1
+    if config.format == "unpaired":
+        return _unpaired(config, gen.prompt, scored, counts)
+    if tied:
+        return []
+    if config.format == "ranked":
+        ordered = sorted(scored, key=lambda c: -c[1])  # stable: equal scores keep file order
+        return [{"prompt": gen.prompt, "completions": [_as_completion(gen.prompt, t) for t, _ in ordered],
+                 "scores": [s for _, s in ordered]}]
+    return _pairs(config, gen.prompt, scored, rng, counts)
+
+
+def label(config: LabelConfig, judge: Judge | None = None) -> dict:
+    """Label the generations file; returns the summary (also written to ``label_summary.json``)."""
+    from tqdm.auto import tqdm
+
+    generations = read_generations(config.input_file)
+    own_judge = judge is None
+    judge = build_judge(config.judge) if own_judge else judge
+    counts: Counter = Counter(dict.fromkeys(COUNTS, 0))
+    rows: list[dict] = []
+    bar = tqdm(total=len(generations), desc="labelling", unit="prompt", disable=not config.progress_bar)
+    try:
+        for start in range(0, len(generations), config.chunk_size):
+            chunk = generations[start : start + config.chunk_size]
+            texts = [candidates(g, counts) for g in chunk]
+            scores = score_chunk(judge, [g.prompt for g in chunk], texts)
+            for gen, ts, ss in zip(chunk, texts, scores, strict=True):
+                rows += label_rows(config, gen, ts, ss, counts)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if own_judge:
+            judge.close()
+    output = Path(config.output_file)
+    write_jsonl(output, rows)
+    summary = {"input_file": str(config.input_file), "output_file": str(output), "format": config.format,
+               "prompts": len(generations), "completions": sum(len(g.completions) for g in generations),
+               "rows_written": len(rows), **dict(counts), "judge": judge.summary()}
+    (output.parent / "label_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['rows_written']} rows ({summary['format']}) from {summary['prompts']} prompts -> "
+             f"{summary['output_file']}"]
+    lines += [f"  {key:28s} {value}" for key, value in summary.items()
+              if isinstance(value, int) and key not in ("rows_written", "prompts")]
+    lines += [f"  judge {key:22s} {value}" for key, value in summary["judge"].items()]
+    return "\n".join(lines)
+
+
+def command(args: argparse.Namespace) -> int:
+    """The ``preftune label`` handler."""
+    config = load_label_config(args.config, args.overrides)
+    judge = build_judge(config.judge)  # before reading anything large: config errors come first
+    try:
+        with judge:
+            summary = label(config, judge)
+    except JudgeError as exc:
+        print(f"preftune: judge error: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    print(f"summary: {Path(summary['output_file']).parent / 'label_summary.json'}")
+    return 0

@@ -1,0 +1,170 @@
+"""Sampling completions from a causal LM: prompt rendering, model (or adapter) loading, two backends.
+
+Both backends take token ids rendered here, so the HF and vLLM paths see exactly the same prompt tokens
+(one BOS, the chat template's generation header) and return the completions as text. The Hugging Face
+backend pads on the left (a decoder-only model continues from the last position of every row) and
+generates with the KV cache; the vLLM backend is used only when vLLM is importable and a GPU is present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import modeling
+from ..config import ModelConfig
+
+log = logging.getLogger("preftune")
+
+
+@dataclass
+class SamplingConfig:
+    num_samples: int = 4  # K completions per prompt
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0: greedy (then all K completions are the same)
+    top_p: float = 1.0  # nucleus sampling; 1.0 keeps the whole distribution
+    top_k: int = 0  # 0: off (transformers would otherwise apply its default of 50)
+    seed: int = 0
+
+
+def batch_seed(seed: int, first_index: int) -> int:
+    """The RNG seed of the batch that starts at prompt ``first_index``: a resumed job reproduces the batches
+    an uninterrupted one would have sampled (string seeding of ``random`` is stable across runs)."""
+    return random.Random(f"{seed}:{first_index}").getrandbits(63)
+
+
+def adapter_base(path: Path) -> str | None:
+    """The base model a PEFT adapter folder names, or None when ``path`` is not an adapter folder."""
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_file} names no base_model_name_or_path; cannot tell which model it adapts")
+    return base
+
+
+def load_for_sampling(name_or_path: str, model_cfg: ModelConfig) -> nn.Module:
+    """A full model folder, or a PEFT adapter folder merged into its base (merging makes every generated
+    token as cheap as with the plain model)."""
+    path = Path(modeling.resolve(name_or_path))
+    base = adapter_base(path)
+    if base is None:
+        model = modeling.load_causal_lm(str(path), model_cfg)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(modeling.load_causal_lm(base, model_cfg), str(path)).merge_and_unload()
+    return model.eval()
+
+
+def load_tokenizer_for(name_or_path: str):
+    """The adapter folder's own tokenizer when it saved one (preftune's final/ does), else the base's."""
+    path = Path(modeling.resolve(name_or_path))
+    base = adapter_base(path)
+    if base is not None and not (path / "tokenizer_config.json").is_file():
+        return modeling.load_tokenizer(base)
+    return modeling.load_tokenizer(str(path))
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict], use_template: bool) -> list[int]:
+    """Token ids the completion continues from: the chat template with its generation header (a text
+    prompt is the user's message), or the text itself with the tokenizer's usual BOS."""
+    if use_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote any BOS itself
+    return tokenizer(prompt)["input_ids"]
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """End-of-sequence ids: the model's generation config may end turns with another token (<|im_end|>)."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({*ids, tokenizer.eos_token_id})
+
+
+class HFSampler:
+    """``model.generate`` on left-padded batches; K samples per prompt via ``num_return_sequences``."""
+
+    def __init__(self, model: nn.Module, tokenizer, sampling: SamplingConfig):
+        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.device = next(model.parameters()).device
+        self.stop_ids = stop_token_ids(model, tokenizer)
+
+    def _options(self) -> dict:
+        s = self.sampling
+        options = {"max_new_tokens": s.max_new_tokens, "num_return_sequences": s.num_samples, "use_cache": True,
+                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.stop_ids,
+                   "repetition_penalty": 1.0}  # explicit: a model's generation_config would otherwise apply its own
+        if s.temperature > 0:
+            options.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        else:
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return options
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: list[list[int]], indices: list[int]) -> list[list[str]]:
+        """K completion texts for each prompt; ``indices`` (positions in the prompt file) pick the seed."""
+        width = max(len(ids) for ids in prompt_ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=self.device)
+        torch.manual_seed(batch_seed(self.sampling.seed, indices[0]))
+        output = self.model.generate(input_ids=input_ids, attention_mask=mask, **self._options())
+        texts = self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        k = self.sampling.num_samples
+        return [texts[i * k : (i + 1) * k] for i in range(len(prompt_ids))]
+
+
+class VLLMSampler:
+    """vLLM's continuous batching; each prompt gets its own seed, so results do not depend on batching."""
+
+    def __init__(self, name_or_path: str, model_cfg: ModelConfig, sampling: SamplingConfig):
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        path = Path(modeling.resolve(name_or_path))
+        base = adapter_base(path)
+        kwargs = {"model": modeling.resolve(base) if base else str(path), "dtype": model_cfg.dtype,
+                  "seed": sampling.seed, "trust_remote_code": model_cfg.trust_remote_code}
+        self.lora = None
+        if base:
+            rank = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16)
+            kwargs.update(enable_lora=True, max_lora_rank=max(8, rank))
+            self.lora = LoRARequest("adapter", 1, str(path))
+        self.llm, self.sampling = LLM(**kwargs), sampling
+
+    def sample(self, prompt_ids: list[list[int]], indices: list[int]) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        s = self.sampling
+        params = [
+            SamplingParams(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or -1,
+                           max_tokens=s.max_new_tokens, seed=batch_seed(s.seed, i))
+            for i in indices
+        ]
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
+        return [[c.text for c in out.outputs] for out in outputs]
+
+
+def vllm_usable() -> bool:
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def pick_backend(backend: str) -> str:
+    """``auto`` -> vllm when it is importable and a GPU is present, else hf; ``vllm`` must be usable."""
+    if backend == "vllm" and not vllm_usable():
+        why = "vllm is not installed" if importlib.util.find_spec("vllm") is None else "no CUDA GPU is visible"
+        raise ValueError(f"backend: vllm was asked for but {why}; install vllm on a GPU machine, or set backend: hf")
+    if backend == "auto":
+        return "vllm" if vllm_usable() else "hf"
+    return backend

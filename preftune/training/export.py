@@ -1,0 +1,87 @@
+"""``final/``: a folder ``AutoModelForCausalLM.from_pretrained`` loads (or a PEFT adapter naming its base),
+with the tokenizer, the resolved config and a model card recording data, objective, settings and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from ..config import Config, to_dict
+from ..modeling import resolve
+
+
+def _latest(history: list[dict], prefix: str) -> dict[str, float]:
+    """The most recent logged value of every metric whose name starts (or not) with ``eval/``."""
+    found: dict[str, float] = {}
+    for row in history:
+        for key, value in row.items():
+            if key != "step" and key.startswith("eval/") == (prefix == "eval/"):
+                found[key] = value
+    return found
+
+
+def model_card(config: Config, history: list[dict], data, objective) -> str:
+    params = {**{f.name: f.default for f in dataclasses.fields(objective.params)}, **config.objective.params}
+    extras = {k: v for k, v in to_dict(config)["objective"].items() if k in ("ld_alpha", "wpo", "mixture") and v}
+    train_metrics, eval_metrics = _latest(history, ""), _latest(history, "eval/")
+    lines = [
+        "---", "library_name: preftune", f"base_model: {config.model.name_or_path}",
+        f"tags: [preftune, {objective.name}{', lora' if config.lora.enabled else ''}]", "---", "",
+        f"# {Path(config.training.output_dir).name}", "",
+        f"Trained with [preftune](https://pypi.org/project/preftune/) objective `{objective.name}` "
+        f"({objective.paper}) starting from `{config.model.name_or_path}`.", "",
+        "## Data", "",
+        f"- train: `{config.data.train_file}` ({len(data.train)} examples after validation and truncation)",
+        f"- held-out: {len(data.eval)} examples"
+        + (f" from `{config.data.eval_file}`" if config.data.eval_file else
+           f" ({config.data.eval_fraction:.0%} of the train file)" if config.data.eval_fraction else ""),
+        *[f"- {summary}" for summary in data.summaries], "",
+        "## Objective", "", "```yaml",
+        yaml.safe_dump({"name": objective.name, **params, "rpo_alpha": config.objective.rpo_alpha, **extras}).strip(),
+        "```", "", "## Training settings", "", "```yaml",
+        yaml.safe_dump({k: v for k, v in to_dict(config).items() if k in ("training", "lora", "reference")},
+                       sort_keys=False).strip(), "```", "", "## Final metrics", "", "| metric | value |", "| --- | --- |",
+    ]
+    lines += [f"| {k} | {v:.6g} |" for k, v in {**train_metrics, **eval_metrics}.items() if isinstance(v, float)]
+    return "\n".join(lines) + "\n"
+
+
+def export_final(config: Config, model: nn.Module, tokenizer, run_dir: Path, history, data, objective,
+                 value_head: nn.Module | None = None) -> Path:
+    """Write ``final/`` under a temporary name and rename it into place (an interrupted export leaves the
+    previous ``final/`` intact)."""
+    final, tmp = run_dir / "final", run_dir / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "peft_config"):
+        if config.lora.save == "merged":
+            model.merge_and_unload().save_pretrained(tmp)  # merging is the last use of this model
+        else:
+            model.save_pretrained(tmp)
+            _point_adapter_at_base(tmp, config)
+    else:
+        model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if value_head is not None:  # DRO's V(x), on the policy's last prompt hidden state
+        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                  str(tmp / "value_head.safetensors"))
+    (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    (tmp / "README.md").write_text(model_card(config, history, data, objective), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def _point_adapter_at_base(folder: Path, config: Config) -> None:
+    """PEFT records the base model's path; make it the resolved local folder so the adapter loads offline."""
+    path = folder / "adapter_config.json"
+    adapter = json.loads(path.read_text(encoding="utf-8"))
+    adapter["base_model_name_or_path"] = resolve(config.model.name_or_path)
+    path.write_text(json.dumps(adapter, indent=2), encoding="utf-8")

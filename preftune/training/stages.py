@@ -1,0 +1,93 @@
+"""sDPO (Kim et al. 2024, "sDPO: Don't Use Your Data All at Once", §2.2): the preference data is used in
+stages; the model aligned in stage t becomes both the starting policy and the reference of stage t + 1.
+
+Each stage is an ordinary run in ``<output_dir>/stage-<t>/`` on its own slice of the data (written to
+``<output_dir>/stages/``), so it checkpoints and resumes like any run; a finished stage (its ``final/``
+exists) is skipped, which makes the whole procedure resumable across stages.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+
+from ..atomic import write_jsonl
+from ..config import Config, save_config
+
+log = logging.getLogger("preftune")
+
+
+def _rows(examples) -> list[dict]:
+    """Validated examples back to rows with canonical column names (the example fields)."""
+    return [{k: v for k, v in dataclasses.asdict(ex).items() if k != "source"} for ex in examples]
+
+
+def stage_files(config: Config, splits, folder: Path) -> tuple[list[Path], Path | None]:
+    """``training.stages: N`` cuts the validated train split into N consecutive parts in file order (sort
+    the file easy-to-hard for the paper's curriculum); a list of files gives one stage per file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stages = config.training.stages
+    eval_file = None
+    if splits.eval:
+        eval_file = folder / "eval.jsonl"
+        write_jsonl(eval_file, _rows(splits.eval))
+    if isinstance(stages, list):
+        return [Path(p) for p in stages], eval_file
+    if stages > len(splits.train):
+        raise ValueError(f"training.stages={stages} but only {len(splits.train)} training examples")
+    bounds = [round(i * len(splits.train) / stages) for i in range(stages + 1)]
+    files = []
+    for t in range(stages):
+        path = folder / f"stage-{t + 1}.jsonl"
+        write_jsonl(path, _rows(splits.train[bounds[t] : bounds[t + 1]]))
+        files.append(path)
+    return files, eval_file
+
+
+def stage_config(config: Config, t: int, count: int, data_file: Path, eval_file: Path | None, start: str) -> Config:
+    stage = copy.deepcopy(config)
+    stage.training.stages = None
+    stage.training.output_dir = str(Path(config.training.output_dir) / f"stage-{t}")
+    stage.model.name_or_path = start
+    stage.reference.name_or_path = None  # a frozen copy of this stage's starting model
+    stage.data.train_file = str(data_file)
+    if isinstance(config.training.stages, int):  # rows were written with canonical names, held-out apart
+        stage.data.columns, stage.data.eval_fraction = {}, 0.0
+        stage.data.eval_file = str(eval_file) if eval_file else None
+    if t < count and stage.lora.enabled:
+        stage.lora.save = "merged"  # the next stage starts from (and refers to) the full aligned model
+    return stage
+
+
+def _finished(run_dir: Path):
+    """The result of a stage finished by an earlier invocation, read back from its run directory."""
+    from .loop import TrainResult
+    from .metrics import read_metrics
+
+    history = read_metrics(run_dir)
+    evals = [row for row in history if any(k.startswith("eval/") for k in row)]
+    steps = max((row["step"] for row in history), default=0)
+    return TrainResult(run_dir, run_dir / "final", steps, None, evals[-1] if evals else None, history)
+
+
+def train_in_stages(config: Config, command: str, splits, train_one):
+    """Run every stage in order with ``train_one(stage_config) -> TrainResult``; returns the last result."""
+    root = Path(config.training.output_dir)
+    files, eval_file = stage_files(config, splits, root / "stages")
+    save_config(config, root / "config.yaml")
+    start, result = config.model.name_or_path, None
+    for t, data_file in enumerate(files, start=1):
+        stage = stage_config(config, t, len(files), data_file, eval_file, start)
+        final = Path(stage.training.output_dir) / "final"
+        if final.is_dir() and (final / "preftune_config.yaml").is_file():
+            log.info("sDPO stage %d/%d already finished (%s): skipping", t, len(files), final)
+            start, result = str(final), _finished(final.parent)
+            continue
+        log.info("sDPO stage %d/%d: policy and reference start from %s; data %s", t, len(files), start, data_file)
+        result = train_one(stage, command)
+        if result.interrupted:
+            return result
+        start = str(result.final_dir)
+    return result

@@ -1,0 +1,59 @@
+"""Chunked completion log-probs against a second implementation: full [N, T, V] logits on the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from preftune.testing import tiny_llama
+from preftune.training.logps import TokenReference, completion_logps
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(0)
+    ids = torch.randint(3, 500, (4, 12))
+    attention = torch.ones_like(ids)
+    attention[2, 9:] = 0
+    completion = torch.zeros_like(ids, dtype=torch.bool)
+    completion[:, 5:] = True
+    completion[2, 9:] = False
+    completion[3, 5:7] = False  # a completion that starts later
+    return ids, attention, completion
+
+
+def full_logprobs(model, ids, attention):
+    return model(input_ids=ids, attention_mask=attention).logits.float().log_softmax(-1)[:, :-1]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_sums_per_token_values_kl_and_sum_sq_match_full_logits(batch, chunk):
+    ids, attention, completion = batch
+    policy, reference = tiny_llama(seed=0), tiny_llama(seed=1)
+    out = completion_logps(policy, ids, attention, completion, chunk, sum_sq=True, reference=TokenReference(reference))
+    lp, rp = full_logprobs(policy, ids, attention), full_logprobs(reference, ids, attention)
+    mask = completion[:, 1:]
+    target = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(out.sums, (target * mask).sum(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.counts, mask.sum(1))
+    torch.testing.assert_close(out.token_logps, target[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.token_kl, (rp.exp() * (rp - lp)).sum(-1)[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.token_log_sum_sq, torch.logsumexp(2 * lp, -1)[mask], atol=1e-5, rtol=0)
+    ref_target = rp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(out.reference_sums, (ref_target * mask).sum(1), atol=1e-5, rtol=0)
+    padded, padded_mask = out.padded(out.token_logps)
+    assert padded.shape == (4, 7) and padded_mask.sum(1).tolist() == [7, 7, 4, 5]
+    torch.testing.assert_close(padded[3, :5], target[3][mask[3]], atol=1e-5, rtol=0)
+
+
+def test_gradients_equal_the_full_logits_gradients(batch):
+    """Checkpointed chunks recompute the logits in backward: the gradient must equal the plain one."""
+    ids, attention, completion = batch
+    model = tiny_llama(seed=0)
+    completion_logps(model, ids, attention, completion, chunk_size=5).sums.sum().backward()
+    chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    target = full_logprobs(model, ids, attention).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    (target * completion[:, 1:]).sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(chunked[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
