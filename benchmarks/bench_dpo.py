@@ -125,11 +125,12 @@ def _summary(step_ends: list[float], warmup: int, batch_size: int) -> dict:
 
 
 def run_preftune(args, workdir: Path) -> dict:
-    from preftune import trainer as trainer_module
+    from preftune import training
     from preftune.config import config_from_dict
+    from preftune.training import loop as trainer_module
 
     step_ends, step_tokens = [], []
-    original = trainer_module._Run._optimizer_step
+    original = trainer_module.Loop._optimizer_step
 
     def timed(self, step, stats):  # the loop's own step, timed at its end
         tokens = original(self, step, stats)
@@ -137,7 +138,7 @@ def run_preftune(args, workdir: Path) -> dict:
         step_tokens.append(tokens)
         return tokens
 
-    trainer_module._Run._optimizer_step = timed
+    trainer_module.Loop._optimizer_step = timed
     total = args.warmup + args.steps
     config = config_from_dict({
         "model": {"name_or_path": str(workdir / "model")},
@@ -149,7 +150,7 @@ def run_preftune(args, workdir: Path) -> dict:
                      "save_steps": None, "eval_before_training": False, "progress_bar": False,
                      "tensorboard": False, "precision": args.precision, "seed": 0},
     })
-    trainer_module.train(config)
+    training.train(config)
     expected = args.batch_size * TOKENS_PER_PAIR
     if any(t != expected for t in step_tokens):
         raise RuntimeError(f"preftune processed {step_tokens} tokens per step, expected {expected}")

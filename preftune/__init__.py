@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 def train(config: Config, command: str = "train"):
     """Run one training job described by ``config``; returns the run's summary (see ``trainer.TrainResult``)."""
-    from .training.loop import train as _train
+    from .training import train as _train
 
     return _train(config, command=command)
 

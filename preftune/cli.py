@@ -26,7 +26,7 @@ def _print_metrics(title: str, metrics: dict | None) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .training.loop import train
+    from .training import train
 
     config = load_config(args.config, args.overrides)
     if args.command == "sft":
@@ -123,14 +123,30 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(with_options="-h" in argv or "--help" in argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     handler = COMMANDS[args.command].handler
+    return _run_handled(args.command, _lazy(handler) if isinstance(handler, str) else handler, args)
+
+
+def _run_handled(command: str, handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Every command's errors the same way: bad config or input is a one-line message and exit code 2, a judge
+    that cannot work at all is exit code 1, an interrupt is exit code 130 (every command keeps its finished
+    work: the same command resumes)."""
+    from .feedback.judges import JudgeError
+
     try:
-        return (_lazy(handler) if isinstance(handler, str) else handler)(args)
+        return handler(args)
     except ConfigError as exc:
         print(f"preftune: config error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as exc:  # bad input: a message, not a traceback
         print(f"preftune: error: {exc}", file=sys.stderr)
         return 2
+    except JudgeError as exc:
+        print(f"preftune: judge error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"preftune {command}: interrupted; finished work is kept: run the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

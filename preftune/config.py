@@ -83,17 +83,26 @@ class ObjectiveConfig:
     params: dict[str, Any] = field(default_factory=dict)  # written flat in YAML: objective.beta, ...
 
     def plan(self):
+        """The ``ObjectivePlan`` this section describes, built (and every parameter checked) once: validation
+        builds it, and the run, its stages and its export reuse it while the section is unchanged."""
         from .objectives.plan import build_plan
 
-        return build_plan(self.name, self.params, rpo_alpha=self.rpo_alpha, ld_alpha=self.ld_alpha, wpo=self.wpo,
-                          weight=self.weight, mixture=self.mixture)
+        key = repr(dataclasses.astuple(self))
+        cached = self.__dict__.get("_plan")
+        if cached is None or cached[0] != key:
+            plan = build_plan(self.name, self.params, rpo_alpha=self.rpo_alpha, ld_alpha=self.ld_alpha, wpo=self.wpo,
+                              weight=self.weight, mixture=self.mixture)
+            self.__dict__["_plan"] = cached = (key, plan)
+        return cached[1]
 
 
 @dataclass
-class TrainingConfig:
+class LoopConfig:
+    """What the training loop itself needs, for every task it trains (policies, reward models)."""
+
     output_dir: str = "runs/preftune"
     seed: int = 42
-    batch_size: int = 8  # pairs per device per micro-batch
+    batch_size: int = 8  # examples (pairs, lists, ...) per device per micro-batch
     eval_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-7
@@ -106,8 +115,6 @@ class TrainingConfig:
     warmup_ratio: float = 0.0
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs
-    # sDPO: N consecutive parts of the train split (or a list of files), each stage's model the next's reference
-    stages: int | list[str] | None = None
     max_grad_norm: float | None = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (AMX on recent CPUs)
     logging_steps: int = 10
@@ -116,9 +123,15 @@ class TrainingConfig:
     save_steps: int | None = 500
     save_total_limit: int | None = 2
     resume: str = "auto"  # auto | never | path to a checkpoint folder
-    logps_chunk_size: int = 1024  # completion positions projected to the vocabulary at once
     progress_bar: bool = True
     tensorboard: bool = True
+
+
+@dataclass
+class TrainingConfig(LoopConfig):
+    # sDPO: N consecutive parts of the train split (or a list of files), each stage's model the next's reference
+    stages: int | list[str] | None = None
+    logps_chunk_size: int = 1024  # completion positions projected to the vocabulary at once
 
 
 @dataclass
@@ -326,21 +339,27 @@ def _positive(key: str, value: float | None, allow_none: bool = True) -> None:
         raise ConfigError(f"config key '{key}': must be > 0, got {value!r}")
 
 
+def validate_loop(t: LoopConfig, section: str = "training") -> None:
+    """The loop's own settings, for any task's ``training`` section."""
+    for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        _positive(f"{section}.{key}", getattr(t, key), allow_none=False)
+    for key in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "max_grad_norm"):
+        _positive(f"{section}.{key}", getattr(t, key))
+    _positive(f"{section}.learning_rate", t.learning_rate, allow_none=False)
+    _positive(f"{section}.epochs", t.epochs, allow_none=False)
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"config key '{section}.warmup_ratio': must be in [0, 1), got {t.warmup_ratio}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"config key '{section}.warmup_steps': must be >= 0, got {t.warmup_steps}")
+
+
 def validate(config: Config) -> None:
     """Cross-field checks; the objective's own parameters are validated by its parameter type."""
     t, d = config.training, config.data
-    for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "logps_chunk_size"):
-        _positive(f"training.{key}", getattr(t, key), allow_none=False)
-    for key in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "max_grad_norm"):
-        _positive(f"training.{key}", getattr(t, key))
-    _positive("training.learning_rate", t.learning_rate, allow_none=False)
+    validate_loop(t)
+    _positive("training.logps_chunk_size", t.logps_chunk_size, allow_none=False)
     if isinstance(t.stages, int) and t.stages < 1:
         raise ConfigError(f"config key 'training.stages': must be >= 1 or a list of data files, got {t.stages}")
-    _positive("training.epochs", t.epochs, allow_none=False)
-    if not 0 <= t.warmup_ratio < 1:
-        raise ConfigError(f"config key 'training.warmup_ratio': must be in [0, 1), got {t.warmup_ratio}")
-    if t.warmup_steps < 0:
-        raise ConfigError(f"config key 'training.warmup_steps': must be >= 0, got {t.warmup_steps}")
     for key in ("max_length", "max_prompt_length", "max_errors_reported"):
         _positive(f"data.{key}", getattr(d, key))
     if d.max_length and d.max_prompt_length and d.max_prompt_length >= d.max_length:

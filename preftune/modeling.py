@@ -1,4 +1,5 @@
-"""Loading the policy, its tokenizer and a reference model from a Hugging Face folder (or hub name)."""
+"""Loading the policy, its tokenizer and a reference model from a Hugging Face folder (or hub name), and the
+accelerator a run computes with."""
 
 from __future__ import annotations
 
@@ -96,6 +97,16 @@ def load_frozen(name_or_path: str, model_cfg: ModelConfig) -> nn.Module:
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def make_accelerator(precision: str):
+    """A fresh Accelerator for this run. accelerate keeps process-wide state that refuses a second run with
+    another precision (a notebook training fp32 then bf16): reset that part, never the distributed one."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", step_scheduler_with_optimizer=False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -14,7 +14,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-RESOURCES = Path(__file__).resolve().parent / "resources"
+from .experiments.snippets import SNIPPETS
+
+RESOURCES = SNIPPETS.parent
 CHATML_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -22,7 +24,8 @@ CHATML_TEMPLATE = (
 
 
 def _corpus(limit: int = 3000) -> list[str]:
-    lines = (RESOURCES / "movie_review_snippets.tsv").read_text(encoding="utf-8").splitlines()[1 : limit + 1]
+    """The first ``limit`` snippet texts as written (a corpus to train the tiny tokenizer on)."""
+    lines = SNIPPETS.read_text(encoding="utf-8").splitlines()[1 : limit + 1]
     return [line.split("\t", 2)[2] for line in lines]
 
 

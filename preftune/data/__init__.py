@@ -1,6 +1,6 @@
 """Data: read and validate rows (file:line errors), tokenize with an exact boundary, collate into batches."""
 
-from .collate import Collator, PairCollator
+from .collate import Collator, PairCollator, batches, row_layout
 from .examples import (
     CompletionExample,
     NegativeExample,
@@ -12,6 +12,7 @@ from .examples import (
 )
 from .fields import DataValidationError
 from .load import DataSplits, load_examples
+from .prepare import TokenizedSplits, read_splits, tokenize_splits
 from .ranked import RankedPairsSummary, pair_positions, ranked_to_pairs
 from .readers import read_rows
 from .shapes import SHAPES, detect_shape
@@ -33,13 +34,18 @@ __all__ = [
     "RankedPairsSummary",
     "ScoredExample",
     "TokenizedExample",
+    "TokenizedSplits",
     "TruncationSummary",
     "UnpairedExample",
+    "batches",
     "content_hash",
     "detect_shape",
     "load_examples",
     "pair_positions",
     "ranked_to_pairs",
     "read_rows",
+    "read_splits",
+    "row_layout",
     "tokenize_examples",
+    "tokenize_splits",
 ]

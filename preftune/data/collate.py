@@ -8,7 +8,10 @@ of any length can scatter the rows' log-probs into ``(B, K)``. The loss reads on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+from torch import Tensor
 
 from .tokenized import TokenizedExample
 
@@ -107,6 +110,23 @@ def _with_mismatched(examples: list[TokenizedExample]) -> list[list[list[int]]]:
     following = examples[1:] + examples[:1]
     return [[e.completions[0], after.completions[0][: longest - len(e.prompt_ids)]]
             for e, after in zip(examples, following, strict=True)]
+
+
+def row_layout(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, int]:
+    """(example (N,), slot (N,), number of slots K) of every row of a collated batch. A batch built by hand
+    without ``row_example`` is read as the pair layout: slot k of all B examples together, slot-major."""
+    if "row_example" in batch:
+        return batch["row_example"], batch["row_slot"], int(batch["num_slots"])
+    n_rows, n_examples = batch["input_ids"].shape[0], batch["index"].shape[0]
+    rows = torch.arange(n_rows, device=batch["input_ids"].device)
+    return rows % n_examples, rows // n_examples, n_rows // n_examples
+
+
+def batches(examples: list[TokenizedExample], positions: list[list[int]], collator: Collator,
+            device: torch.device) -> Iterator[dict[str, Tensor]]:
+    """Collated batches of ``examples`` (one per list of positions), moved to ``device``."""
+    for group in positions:
+        yield {k: v.to(device) for k, v in collator([examples[i] for i in group]).items()}
 
 
 class PairCollator(Collator):

@@ -60,9 +60,9 @@ def file_shape(
 
 
 def _objectives_taking(shape: str) -> list[str]:
-    from ..objectives import OBJECTIVES  # lazy: the data package does not otherwise depend on objectives
+    from ..objectives import table  # lazy: the data package does not otherwise depend on objectives
 
-    return sorted(name for name, objective in OBJECTIVES.items() if shape in objective.shapes)
+    return sorted(name for name, objective in table.OBJECTIVES.items() if shape in objective.shapes)
 
 
 def _named_objectives(shape: str) -> str:

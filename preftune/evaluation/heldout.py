@@ -12,11 +12,9 @@ from tqdm.auto import tqdm
 
 from .. import modeling
 from ..config import Config
-from ..data import Collator
+from ..data import Collator, batches, read_splits, tokenize_splits
 from ..training.logps import CompletionLogps
-from ..training.loop import make_accelerator
-from ..training.pipeline import batches, build_reference, read_data, tokenize
-from ..training.reference import AdapterOffReference
+from ..training.reference import AdapterOffReference, build_reference
 from ..training.schedule import sequential_batches
 from ..training.step import Scorer, evaluate
 from .analysis.likelihood_length import LikelihoodRecorder, likelihood_length_metrics
@@ -39,14 +37,14 @@ def evaluate_model(config: Config) -> dict[str, float]:
     """Metrics over the held-out split (or the whole train file when there is none), written to
     ``<output_dir>/eval.json``."""
     objective = config.objective.plan()
-    splits = read_data(config, objective, None)
+    splits = read_splits(config, objective, None)
     examples = splits.eval or splits.train
     if not splits.eval:
         log.warning("no held-out split configured: evaluating on every row of %s", config.data.train_file)
-    accelerator = make_accelerator(config.training.precision)
+    accelerator = modeling.make_accelerator(config.training.precision)
     tokenizer = modeling.load_tokenizer(config.model.name_or_path)
     splits.train, splits.eval = examples, []
-    tokenized = tokenize(config, splits, tokenizer).train
+    tokenized = tokenize_splits(config, splits, tokenizer).train
     policy, is_adapter = _load_policy(config)
     policy = policy.to(accelerator.device).eval()
     chunk = config.training.logps_chunk_size

@@ -19,14 +19,13 @@ import json
 import logging
 import math
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ..config import ConfigError, ModelConfig, beside, load_section
 from ..data import read_rows
-from ..feedback.judges import Judge, JudgeError, build_judge, judge_config, preference_from_scores
+from ..feedback.judges import Judge, build_judge, judge_config, preference_from_scores
 from ..feedback.label import Generation, read_generations
 from .analysis.kl import estimate_kl, sample_ids
 from .analysis.lengths import length_stats
@@ -253,15 +252,11 @@ def command(args: argparse.Namespace) -> int:
     """The ``preftune winrate`` handler."""
     config = load_winrate_config(args.config, args.overrides)
     judge = build_judge(config.judge) if config.judge else None  # config errors before any file is read
-    try:
-        if judge is None:
-            report = evaluate_generations(config)
-        else:
-            with judge:
-                report = evaluate_generations(config, judge)
-    except JudgeError as exc:
-        print(f"preftune: judge error: {exc}", file=sys.stderr)
-        return 1
+    if judge is None:
+        report = evaluate_generations(config)
+    else:
+        with judge:
+            report = evaluate_generations(config, judge)
     print(json.dumps(report, indent=2))
     print(f"written to {config.output_file}")
     return 0

@@ -11,18 +11,13 @@ held-out reviews it assigns the positive one a higher implicit reward.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_jsonl
 from ..config import load_config, parse_overrides
+from .snippets import Snippet, read_snippets
 
-RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
-# Sentence-level Rotten Tomatoes snippets with the mean rating of >= 20 human raters on -4..+4: the
-# ground truth of Hutto & Gilbert, "VADER: A Parsimonious Rule-based Model for Sentiment Analysis of
-# Social Media Text", ICWSM 2014 (MIT licence).
-SNIPPETS = RESOURCES / "movie_review_snippets.tsv"
 # +/-2 is "clearly" positive/negative on that scale; 2,187 snippets are >= +2 and 2,052 are <= -2, so
 # the margin between the two sides never rests on a rating near 0 that raters disagreed about.
 CHOSEN_AT_LEAST = 2.0
@@ -36,24 +31,6 @@ PROMPTS = (
 )
 # Keys of the form demo.* are the demo's own options (the pairs it builds), not training config keys.
 DEMO_DEFAULTS = {"n_train": 320, "n_eval": 128, "seed": 0}
-
-
-@dataclass(frozen=True)
-class Snippet:
-    id: str
-    rating: float
-    text: str
-
-
-def read_snippets(path: Path = SNIPPETS) -> list[Snippet]:
-    """The TSV (``id<TAB>sentiment<TAB>text``, one header line) in file order."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    out = []
-    for line in lines[1:]:
-        if line.strip():
-            sid, rating, text = line.split("\t", 2)
-            out.append(Snippet(sid, float(rating), text.strip()))
-    return out
 
 
 def _pair_rows(good: list[Snippet], bad: list[Snippet], rng: random.Random) -> list[dict]:
@@ -78,9 +55,7 @@ def build_demo_pairs(out_dir: str | Path, seed: int = 0, n_train: int = 640, n_e
     """
     if n_train < 1 or n_eval < 0:
         raise ValueError(f"n_train must be >= 1 and n_eval >= 0, got {n_train} and {n_eval}")
-    snippets = read_snippets()
-    # The same text appears under two ids a couple of times; keep one so "disjoint" holds for texts too.
-    unique = list({s.text: s for s in snippets}.values())
+    unique = read_snippets()  # each text once (two appear under two ids), so "disjoint" holds for texts too
     good = [s for s in unique if s.rating >= CHOSEN_AT_LEAST]
     bad = [s for s in unique if s.rating <= REJECTED_AT_MOST]
     if n_train + n_eval > min(len(good), len(bad)):
@@ -141,7 +116,7 @@ def run_demo(overrides: list[str] = ()):
     """Convert the built-in model (first run only), build the pairs, train with the demo recipe, and print
     the held-out before/after table. ``overrides`` are dotted config keys plus ``demo.n_train/n_eval/seed``."""
     from ..assets import resolve_model_path
-    from ..training.loop import train
+    from ..training import train
 
     options, config_overrides = split_demo_overrides(list(overrides))
     config = load_config(RECIPE, config_overrides)  # the data paths are filled in below

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SNIPPETS = Path(__file__).resolve().parents[1] / "resources" / "movie_review_snippets.tsv"
+from .snippets import Snippet, read_snippets
 
 
 @dataclass
@@ -32,37 +32,15 @@ class SentimentPairsConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class Rated:
-    text: str
-    rating: float
-
-
 @dataclass
 class SentimentData:
-    train: list[Rated]
-    held_out: list[Rated]
+    train: list[Snippet]
+    held_out: list[Snippet]
     train_file: Path
     eval_file: Path
 
 
-def read_rated(path: str | Path = "") -> list[Rated]:
-    """Every distinct text of an ``id<TAB>sentiment<TAB>text`` file (the first of repeated texts stays)."""
-    path = Path(path) if path else SNIPPETS
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    seen: dict[str, Rated] = {}
-    for lineno, line in enumerate(lines, 2):
-        parts = line.split("\t", 2)
-        try:
-            rated = Rated(parts[2].strip(), float(parts[1]))
-        except (IndexError, ValueError) as exc:
-            raise ValueError(f"{path}:{lineno}: expected id<TAB>rating<TAB>text, got {line[:60]!r}") from exc
-        if rated.text:
-            seen.setdefault(rated.text, rated)
-    return list(seen.values())
-
-
-def split_rated(items: list[Rated], fraction: float, seed: int) -> tuple[list[Rated], list[Rated]]:
+def split_rated(items: list[Snippet], fraction: float, seed: int) -> tuple[list[Snippet], list[Snippet]]:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_held = max(1, round(fraction * len(items)))
@@ -70,7 +48,7 @@ def split_rated(items: list[Rated], fraction: float, seed: int) -> tuple[list[Ra
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def rated_pairs(items: list[Rated], min_gap: float, per_item: int, seed: int) -> list[tuple[Rated, Rated]]:
+def rated_pairs(items: list[Snippet], min_gap: float, per_item: int, seed: int) -> list[tuple[Snippet, Snippet]]:
     """(chosen, rejected) pairs: each item is paired with ``per_item`` partners drawn uniformly among those
     rated at least ``min_gap`` away (found by bisection in the sorted ratings), each unordered pair once."""
     ranked = sorted(items, key=lambda x: x.rating)
@@ -91,7 +69,7 @@ def rated_pairs(items: list[Rated], min_gap: float, per_item: int, seed: int) ->
     return pairs
 
 
-def _write_pairs(path: Path, pairs: list[tuple[Rated, Rated]], prompt: str) -> None:
+def _write_pairs(path: Path, pairs: list[tuple[Snippet, Snippet]], prompt: str) -> None:
     rows = [{"prompt": prompt, "chosen": c.text, "rejected": r.text, "score_chosen": c.rating,
              "score_rejected": r.rating} for c, r in pairs]
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
@@ -101,7 +79,7 @@ def write_sentiment_pairs(config: SentimentPairsConfig, folder: str | Path) -> S
     """Split, pair and write ``train_pairs.jsonl`` / ``eval_pairs.jsonl`` into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    train, held_out = split_rated(read_rated(config.file), config.eval_fraction, config.seed)
+    train, held_out = split_rated(read_snippets(config.file), config.eval_fraction, config.seed)
     files = folder / "train_pairs.jsonl", folder / "eval_pairs.jsonl"
     for items, path, salt in ((train, files[0], 0), (held_out, files[1], 1)):
         pairs = rated_pairs(items, config.min_gap, config.pairs_per_snippet, config.seed * 2 + salt)

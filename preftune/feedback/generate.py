@@ -220,12 +220,7 @@ def generate(config: GenerateConfig, sampler=None) -> GenerateResult:
 
 def command(args: argparse.Namespace) -> int:
     """The ``preftune generate`` handler."""
-    config = load_generate_config(args.config, args.overrides)
-    try:
-        result = generate(config)
-    except KeyboardInterrupt:
-        print(f"interrupted; the finished batches are in {config.output_file}: run the same command to resume")
-        return 130
+    result = generate(load_generate_config(args.config, args.overrides))
     print(f"{result.output_file}: {result.prompts} prompts ({result.generated} generated now, "
           f"{result.resumed} already there)")
     return 0

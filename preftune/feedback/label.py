@@ -23,7 +23,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from ..config import ConfigError, beside, load_section
 from ..data import DataValidationError, read_rows
 from ..data.fields import Fields, read_content
 from ..data.report import format_problems
-from .judges import Judge, JudgeError, build_judge
+from .judges import Judge, build_judge
 
 # always in the summary, zeros included, so that "no ties" is visibly a count of 0
 COUNTS = ("empty_completions", "duplicate_completions", "unscored_completions", "prompts_too_few_scored",
@@ -239,12 +238,8 @@ def command(args: argparse.Namespace) -> int:
     """The ``preftune label`` handler."""
     config = load_label_config(args.config, args.overrides)
     judge = build_judge(config.judge)  # before reading anything large: config errors come first
-    try:
-        with judge:
-            summary = label(config, judge)
-    except JudgeError as exc:
-        print(f"preftune: judge error: {exc}", file=sys.stderr)
-        return 1
+    with judge:
+        summary = label(config, judge)
     print(format_summary(summary))
     print(f"summary: {Path(summary['output_file']).parent / 'label_summary.json'}")
     return 0

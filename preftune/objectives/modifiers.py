@@ -1,5 +1,8 @@
 """Modifiers that apply to any paired objective, each a pure function of ``PairedLogps``.
 
+- ``rpo_alpha`` (RPO, Pang et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 2): adds
+  α · the mean-token NLL of the chosen completion to each pair's loss.
+
 - ``ld_alpha`` (LD-DPO, Liu et al. 2024, "LD-DPO: Length Desensitization in Direct Preference
   Optimization", Eq. 9): the tokens past the shorter completion's length count with weight α in the
   policy's and the reference's log-probs, damping DPO's preference for longer answers.
@@ -53,3 +56,9 @@ def wpo_weights(logps: PairedLogps) -> Tensor:
         adjusted = getattr(logps, f"policy_{side}_token_logps") - getattr(logps, f"{side}_token_log_sum_sq")
         means.append((adjusted * mask).sum(-1) / mask.sum(-1).clamp(min=1))
     return torch.exp(means[0] + means[1]).clamp(max=1.0).detach()
+
+
+def with_rpo(losses: Tensor, logps: PairedLogps, alpha: float) -> tuple[Tensor, Tensor]:
+    """RPO (Pang et al. 2024, Eq. 2): ``losses (B,)`` + α · NLL(y_w)/|y_w| per pair; also the detached mean NLL."""
+    nll = logps.chosen_nll()
+    return losses + alpha * nll, nll.mean().detach()

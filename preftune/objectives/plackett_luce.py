@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .base import GroupLogps, ObjectiveOutput, check_positive
 
@@ -23,6 +24,18 @@ class PlackettLuceParams:
 
     def __post_init__(self):
         check_positive("beta", self.beta)
+
+
+def plackett_luce_nll(rewards: Tensor, mask: Tensor) -> Tensor:
+    """losses (B,) = -Σ_k [r_k - log Σ_{j≥k} exp(r_j)] over present slots k, j: the negative log-likelihood of
+    the ranking (best first) under Plackett-Luce with scores ``rewards`` (B, K); ``mask`` (B, K) bool.
+
+    The reward-model trainer ranks with the same likelihood (its rewards are a head's outputs, not β·h)."""
+    # An absent slot gets the most negative finite number, not -inf: exp() of it is exactly 0 in every sum, and
+    # logcumsumexp's backward stays finite (an all -inf tail would give inf - inf = NaN gradients).
+    logits = rewards.masked_fill(~mask, torch.finfo(rewards.dtype).min)
+    tails = torch.logcumsumexp(logits.flip(1), dim=1).flip(1)  # log Σ_{j≥k} exp(r_j)
+    return -torch.where(mask, logits - tails, 0.0).sum(dim=1)  # Rafailov et al. 2023, Eq. 18
 
 
 def plackett_luce_loss(logps: GroupLogps, params: PlackettLuceParams) -> ObjectiveOutput:
@@ -36,12 +49,7 @@ def plackett_luce_loss(logps: GroupLogps, params: PlackettLuceParams) -> Objecti
         raise ValueError(f"plackett_luce needs the best completion (slot 0) and at least one more in every "
                          f"ranked list; mask per example: {mask.tolist()}")
     rewards = params.beta * logps.logratios()
-    # An absent slot gets the most negative finite number, not -inf: exp() of it is exactly 0 in every sum, and
-    # logcumsumexp's backward stays finite (an all -inf tail would give inf - inf = NaN gradients).
-    absent = torch.finfo(rewards.dtype).min
-    logits = rewards.masked_fill(~mask, absent)
-    tails = torch.logcumsumexp(logits.flip(1), dim=1).flip(1)  # log Σ_{j≥k} exp(β h_j)
-    losses = -torch.where(mask, logits - tails, 0.0).sum(dim=1)  # Rafailov et al. 2023, Eq. 18
+    losses = plackett_luce_nll(rewards, mask)
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     worst = torch.where(mask, positions, -1).max(dim=1).values
     detached = rewards.detach()

@@ -12,7 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .base import GroupLogps, Objective, ObjectiveOutput, PairedLogps
-from .modifiers import length_desensitized, wpo_weights
+from .compute import compute
+from .modifiers import length_desensitized, with_rpo, wpo_weights
+from .table import get_objective, make_params
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class ObjectivePlan:
         if not shared:
             names = ", ".join(f"{p.objective.name} ({'/'.join(p.objective.shapes)})" for p in parts)
             raise ValueError(f"objectives in one mixture must train on a common data shape: {names}")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if self.rpo_alpha and "pairs" not in shared:
+            raise ValueError(f"rpo_alpha adds a chosen-completion NLL to paired objectives; {self.name!r} is not one")
         if (self.ld_alpha is not None or self.wpo) and "pairs" not in shared:
             raise ValueError("ld_alpha and wpo modify paired objectives; this objective does not train on pairs")
 
@@ -88,8 +94,6 @@ class ObjectivePlan:
 
     # ---- the loss
     def compute(self, logps: PairedLogps | GroupLogps) -> ObjectiveOutput:
-        from . import compute
-
         if self.ld_alpha is not None:
             logps = length_desensitized(logps, self.ld_alpha)
         outputs = [compute(p.objective, logps, p.params) for p in self._parts]
@@ -104,19 +108,13 @@ class ObjectivePlan:
             losses = losses * weights
             metrics["wpo/weight"] = weights.mean()
         if self.rpo_alpha:
-            nll = logps.chosen_nll()
-            losses = losses + self.rpo_alpha * nll
-            metrics["nll"] = nll.mean().detach()
+            losses, metrics["nll"] = with_rpo(losses, logps.upcast(), self.rpo_alpha)
         return dataclasses.replace(outputs[0], losses=losses, metrics=metrics, state=state)
 
 
 def build_plan(name: str, params: dict, *, rpo_alpha: float = 0.0, ld_alpha: float | None = None,
                wpo: bool = False, weight: float = 1.0, mixture: list[dict] | None = None) -> ObjectivePlan:
     """The plan for a config's ``objective`` section; every part's parameters are checked here."""
-    from . import get_objective, make_params
-
-    if rpo_alpha < 0:
-        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
     extras = []
     for i, entry in enumerate(mixture or []):
         if not isinstance(entry, dict) or "name" not in entry:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..objectives.plackett_luce import plackett_luce_nll
+
 
 def _check(rewards: Tensor, mask: Tensor) -> None:
     if rewards.ndim != 2 or mask.shape != rewards.shape:
@@ -36,12 +38,7 @@ def plackett_luce_loss(rewards: Tensor, mask: Tensor) -> Tensor:
     keeps tied completions in file order, as the Plackett–Luce DPO objective does).
     """
     _check(rewards, mask)
-    mask = mask.bool()
-    # the most negative finite number, not -inf, for absent slots: exp() of it is 0 in every sum while
-    # logcumsumexp's backward stays finite (an all -inf tail would give inf - inf = NaN)
-    logits = rewards.float().masked_fill(~mask, torch.finfo(torch.float32).min)
-    tails = torch.logcumsumexp(logits.flip(1), dim=1).flip(1)  # log Σ_{j≥k} exp(r_j)
-    return -torch.where(mask, logits - tails, 0.0).sum(dim=1)
+    return plackett_luce_nll(rewards.float(), mask.bool())
 
 
 def ranked_pairs_mask(mask: Tensor, scores: Tensor | None = None) -> Tensor:

@@ -1,39 +1,37 @@
-"""The one training loop. It reads objectives' traits, never their names.
+"""The one training loop. Whatever it trains (a policy under a preference objective, a reward model) is a
+``Task``; the loop owns what every run needs the same way: the optimizer and schedule, gradient accumulation
+weighted per example, clipping, the NaN guard, logging, periodic evaluation, atomic checkpoints with exact
+resume, Ctrl-C, and the final export.
 
-Read top to bottom: set up (data first, then models), optionally precompute the reference, evaluate,
-then for each optimizer step run its micro-batches, clip, step, log, evaluate, checkpoint.
+Read ``Loop.fit`` top to bottom: resume, evaluate, then for each optimizer step run its micro-batches, clip,
+step, log, evaluate, checkpoint; then the last evaluation, checkpoint and ``final/``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .. import modeling
-from ..config import Config, save_config
-from ..data import Collator
+from ..config import LoopConfig
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .export import export_final
-from .logps import CompletionLogps
-from .metrics import MeanAccumulator, MetricsWriter, add_batch_statistics, finite, read_metrics
-from .pipeline import batches, build_reference, precompute_reference, read_data, tokenize
-from .schedule import BatchSchedule, sequential_batches
-from .step import Scorer, evaluate
-from .sync import syncing_reference
+from .metrics import MeanAccumulator, MetricsWriter, finite, read_metrics
+from .schedule import BatchSchedule
 
 log = logging.getLogger("preftune")
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+Batch = dict[str, Any]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,7 +50,29 @@ class TrainResult:
     interrupted: bool = False
 
 
-class _StopRequest:
+class Task(Protocol):
+    """What the loop trains. ``module`` holds every trainable parameter; after ``accelerator.prepare`` the
+    loop hands the prepared module back through ``attach`` and passes it to every call."""
+
+    module: torch.nn.Module
+    num_examples: int  # examples the schedule draws batches from (pairs, ranked lists, ...)
+    progress_metric: str  # shown beside the loss on the progress bar
+
+    def param_groups(self, config: LoopConfig) -> list[dict]: ...
+    def attach(self, module: torch.nn.Module, accelerator: Accelerator, progress) -> None: ...
+    def micro_batch(self, positions: list[int]) -> Batch: ...
+    def loss(self, module, batch: Batch, step: int, micro: int, weight: float,
+             stats: MeanAccumulator) -> tuple[torch.Tensor, int]:
+        """The micro-batch's share of the step's loss (0-d, with gradient): the sum of its examples' losses
+        times ``weight`` (1 / examples in the step, times the process count); and the tokens processed."""
+    def evaluate(self, module) -> dict[str, float] | None: ...
+    def after_step(self, module, done: int, stats: MeanAccumulator) -> None: ...
+    def checkpoint_state(self) -> tuple[dict, dict[str, torch.Tensor]]: ...
+    def restore_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None: ...
+    def export(self, module, history: list[dict]) -> Path: ...
+
+
+class StopRequest:
     """First Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop after the current step; a second aborts."""
 
     def __init__(self):
@@ -76,179 +96,79 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def make_accelerator(precision: str) -> Accelerator:
-    """A fresh Accelerator for this run. accelerate keeps process-wide state that refuses a second run with
-    another precision (a notebook training fp32 then bf16): reset that part, never the distributed one."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", step_scheduler_with_optimizer=False)
-
-
-def _value_head(policy: torch.nn.Module) -> torch.nn.Module:
-    """A scalar value head V(x) on the policy's last prompt hidden state (DRO), zero-initialised so that
-    training starts from V = 0."""
-    config = policy.get_base_model().config if hasattr(policy, "get_base_model") else policy.config
-    hidden = config.get_text_config().hidden_size
-    head = torch.nn.Linear(hidden, 1)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    return head.to(next(policy.parameters()).device)
-
-
-def _setup_logging(run_dir: Path) -> logging.Handler:
+@contextlib.contextmanager
+def run_log(run_dir: Path) -> Iterator[None]:
+    """Everything the ``preftune`` logger says during the run also goes to ``<run_dir>/train.log``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    return handler
-
-
-def _resume_point(config: Config, run_dir: Path) -> Path | None:
-    mode = config.training.resume
-    if mode == "never":
-        if list_checkpoints(run_dir):
-            log.warning("training.resume=never: ignoring the checkpoints in %s (they will be replaced)", run_dir)
-        return None
-    if mode == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(mode)
-    if not path.is_dir():
-        raise FileNotFoundError(f"training.resume: checkpoint folder {path} does not exist")
-    return path
-
-
-def train(config: Config, command: str = "train") -> TrainResult:
-    t = config.training
-    objective = config.objective.plan()
-    run_dir = Path(t.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_logging(run_dir)
     try:
-        log.info("preftune %s: objective %s, run directory %s", command, objective.name, run_dir)
-        if isinstance(t.stages, list):  # one file per sDPO stage: validate them all before any model loads
-            for path in t.stages:
-                read_data(dataclasses.replace(config, data=dataclasses.replace(config.data, train_file=path)),
-                          objective, None)
-            splits = None
-        else:
-            splits = read_data(config, objective, run_dir)  # bad data fails here, before any model loads
-        if t.stages:
-            from .stages import train_in_stages
-
-            return train_in_stages(config, command, splits, train)
-        save_config(config, run_dir / "config.yaml")
-        torch.manual_seed(t.seed)
-        accelerator = make_accelerator(t.precision)
-        tokenizer = modeling.load_tokenizer(config.model.name_or_path)
-        data = tokenize(config, splits, tokenizer)
-        policy = modeling.load_policy(config).to(accelerator.device)
-        trainable, total = modeling.count_parameters(policy)
-        log.info("policy: %s, %d of %d parameters trainable", config.model.name_or_path, trainable, total)
-        run = _Run(config, accelerator, objective, tokenizer, policy, data, run_dir, splits.shape)
-        return run.fit()
+        yield
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-class _Run:
-    """State of one training run; ``fit`` is the loop."""
+class Loop:
+    """One run of ``task`` under the ``training`` settings ``config``, writing into ``run_dir``."""
 
-    def __init__(self, config, accelerator, objective, tokenizer, policy, data, run_dir, shape):
-        t = config.training
-        self.config, self.accelerator, self.objective = config, accelerator, objective
-        self.tokenizer, self.data, self.run_dir, self.shape = tokenizer, data, run_dir, shape
-        self.collator = Collator(tokenizer.pad_token_id, shape)
-        self.policy = policy
-        self.schedule = BatchSchedule(len(data.train), t.batch_size * accelerator.num_processes,
-                                      t.gradient_accumulation_steps, t.seed, accelerator.process_index,
-                                      accelerator.num_processes)
-        self.total_steps = self.schedule.total_steps(t.epochs, t.max_steps)
-        if objective.batch_level and t.gradient_accumulation_steps > 1:
-            log.warning("objective %r compares examples within a micro-batch: with gradient accumulation its "
-                        "loss is that of %d batches of %d, not of one batch of %d", objective.name,
-                        t.gradient_accumulation_steps, t.batch_size, t.batch_size * t.gradient_accumulation_steps)
-        value_head = _value_head(policy) if objective.needs_value else None
-        wrapped = CompletionLogps(policy, t.logps_chunk_size, value_head)
-        optimizer = torch.optim.AdamW(
-            [p for p in wrapped.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay,
-            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-        )
-        warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.total_steps)
-        scheduler = get_scheduler(SCHEDULERS[t.lr_scheduler], optimizer, num_warmup_steps=warmup,
+    def __init__(self, config: LoopConfig, task: Task, accelerator: Accelerator, run_dir: Path):
+        self.config, self.task, self.accelerator, self.run_dir = config, task, accelerator, run_dir
+        world = accelerator.num_processes
+        self.schedule = BatchSchedule(task.num_examples, config.batch_size * world, config.gradient_accumulation_steps,
+                                      config.seed, accelerator.process_index, world)
+        self.total_steps = self.schedule.total_steps(config.epochs, config.max_steps)
+        optimizer = torch.optim.AdamW(task.param_groups(config), lr=config.learning_rate,
+                                      weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2),
+                                      eps=config.adam_epsilon)
+        warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.total_steps)
+        scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.total_steps)
-        self.wrapped, self.optimizer, self.scheduler = accelerator.prepare(wrapped, optimizer, scheduler)
-        reference = build_reference(config, objective, policy, accelerator.autocast)
-        self.syncs = 0
-        if config.reference.sync_steps:
-            if reference is None:
-                raise ValueError(f"reference.sync_steps (TR-DPO) needs an objective with a reference; "
-                                 f"{objective.name!r} is reference-free")
-            reference = syncing_reference(reference, config.lora.enabled)
-        self.train_reference = self.eval_reference = reference
-        if reference is not None and config.reference.precompute:
-            self._precompute(reference)
-        token_reference = reference.token_level() if objective.needs_live_reference else None
-        self.scorer = Scorer(self.wrapped, self.train_reference, objective, token_reference)
-        self.eval_scorer = Scorer(self.wrapped, self.eval_reference, objective, token_reference)
-        self.state: dict[str, torch.Tensor] = {}  # the objective's running statistics (β-DPO, BCO)
-        self.retain = None
-        if config.data.retain_file:
-            from .retain import RetainSet
+        self.module, self.optimizer, self.scheduler = accelerator.prepare(task.module, optimizer, scheduler)
+        task.attach(self.module, accelerator, self.progress)
 
-            self.retain = RetainSet(config, tokenizer, accelerator.device, accelerator.process_index,
-                                    accelerator.num_processes)
-
-    def _progress(self, iterable, total, desc):
-        disable = not self.config.training.progress_bar or not self.accelerator.is_main_process
+    def progress(self, iterable, total, desc):
+        disable = not self.config.progress_bar or not self.accelerator.is_main_process
         return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
 
-    def _precompute(self, reference) -> None:
-        device = self.accelerator.device
-        self.train_reference = precompute_reference(
-            self.config, reference, self.data.train, self.collator, device, "train", self._progress)
-        if self.data.eval:
-            self.eval_reference = precompute_reference(
-                self.config, reference, self.data.eval, self.collator, device, "eval", self._progress)
-        if not self.config.lora.enabled:
-            reference.release()  # free the frozen copy: from now on the cache answers
-        log.info("reference log-probs precomputed; the reference model is no longer needed")
-
-    def _evaluate(self) -> dict[str, float] | None:
-        if not self.data.eval:
+    def _resume_point(self) -> Path | None:
+        mode = self.config.resume
+        if mode == "never":
+            if list_checkpoints(self.run_dir):
+                log.warning("training.resume=never: ignoring the checkpoints in %s (they will be replaced)",
+                            self.run_dir)
             return None
-        order = sequential_batches(len(self.data.eval), self.config.training.eval_batch_size)
-        loader = batches(self.data.eval, order, self.collator, self.accelerator.device)
-        return evaluate(self.eval_scorer, self._progress(loader, len(order), "evaluating"), self.wrapped, self.state)
+        if mode == "auto":
+            return latest_checkpoint(self.run_dir)
+        path = Path(mode)
+        if not path.is_dir():
+            raise FileNotFoundError(f"training.resume: checkpoint folder {path} does not exist")
+        return path
 
     def _save(self, step: int) -> Path:
-        state = {"epoch": self.schedule.epoch_of(step), "total_steps": self.total_steps}
-        tensors = dict(self.state)
-        if self.config.reference.sync_steps:  # the reference moved: resuming needs it as it is now
-            tensors.update({f"reference/{k}": v for k, v in self.train_reference.state().items()})
-            state["reference_syncs"] = self.syncs
-        path = save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.wrapped), self.optimizer,
-                               self.scheduler, state, self.config.training.save_total_limit, tensors=tensors)
+        extra, tensors = self.task.checkpoint_state()
+        state = {"epoch": self.schedule.epoch_of(step), "total_steps": self.total_steps, **extra}
+        path = save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.module), self.optimizer,
+                               self.scheduler, state, self.config.save_total_limit, tensors=tensors)
         log.info("checkpoint written: %s", path)
         return path
 
     def _resume(self, checkpoint: Path) -> int:
-        """Restore weights, optimizer, scheduler, RNG, objective state and a moving reference; returns the step."""
-        restored = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.wrapped), self.optimizer,
+        """Restore weights, optimizer, scheduler, RNG and the task's own state; returns the step."""
+        restored = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.module), self.optimizer,
                                    self.scheduler)
-        tensors = restored["tensors"]
-        self.state = {k: v for k, v in tensors.items() if not k.startswith("reference/")}
-        if self.config.reference.sync_steps:
-            prefix = len("reference/")
-            self.train_reference.load_state({k[prefix:]: v for k, v in tensors.items() if k.startswith("reference/")})
-            self.syncs = restored.get("reference_syncs", 0)
+        self.task.restore_state(restored, restored["tensors"])
         log.info("resumed from %s at step %d of %d", checkpoint, restored["step"], self.total_steps)
         return restored["step"]
 
+    def _evaluate(self) -> dict[str, float] | None:
+        return self.task.evaluate(self.module)
+
     def fit(self) -> TrainResult:
-        t = self.config.training
-        resume_from = _resume_point(self.config, self.run_dir)
+        t = self.config
+        resume_from = self._resume_point()
         start = self._resume(resume_from) if resume_from is not None else 0
         writer = MetricsWriter(self.run_dir, start if resume_from else None, t.tensorboard)
         eval_before = None
@@ -256,10 +176,10 @@ class _Run:
             eval_before = self._evaluate()
             if eval_before:
                 writer.write({"step": 0, **eval_before})
-        self.wrapped.train()
-        stats, interrupted, tokens, seconds = MeanAccumulator(), False, 0, 0.0
-        bar = self._progress(range(start, self.total_steps), self.total_steps - start, "training")
-        with _StopRequest() as stop:
+        self.module.train()
+        stats, interrupted, tokens, seconds, done = MeanAccumulator(), False, 0, 0.0, start
+        bar = self.progress(range(start, self.total_steps), self.total_steps - start, "training")
+        with StopRequest() as stop:
             for step in bar:
                 began = time.perf_counter()
                 step_tokens = self._optimizer_step(step, stats)
@@ -267,13 +187,14 @@ class _Run:
                 tokens, seconds = tokens + step_tokens, seconds + elapsed
                 stats.add("tokens_per_second", step_tokens, elapsed)
                 done = step + 1
-                self._maybe_sync_reference(done, stats)
+                self.task.after_step(self.module, done, stats)
                 if done % t.logging_steps == 0 or done == self.total_steps:
                     row = {"step": done, "epoch": round(self.schedule.epoch_of(done), 4), **stats.means(),
                            "lr": self.scheduler.get_last_lr()[0]}
                     writer.write(row)
                     if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', 0):.2f}")
+                        bar.set_postfix(loss=f"{row['loss']:.4f}",
+                                        acc=f"{row.get(self.task.progress_metric, 0):.2f}")
                     stats = MeanAccumulator()
                 if t.eval_steps and done % t.eval_steps == 0 and done != self.total_steps:
                     scores = self._evaluate()
@@ -284,8 +205,7 @@ class _Run:
                 if stop.requested and done < self.total_steps:
                     interrupted = True
                     break
-        final_step = done if self.total_steps > start else start
-        result = self._finish(writer, final_step, interrupted, eval_before)
+        result = self._finish(writer, done, interrupted, eval_before)
         result.tokens_per_second = tokens / seconds if seconds else 0.0
         return result
 
@@ -302,9 +222,7 @@ class _Run:
         writer.close()
         history = read_metrics(self.run_dir)
         if not interrupted:
-            unwrapped = self.accelerator.unwrap_model(self.wrapped)
-            final_dir = export_final(self.config, unwrapped.model, self.tokenizer, self.run_dir, history, self.data,
-                                     self.objective.primary.objective, value_head=unwrapped.value_head)
+            final_dir = self.task.export(self.accelerator.unwrap_model(self.module), history)
         return TrainResult(self.run_dir, final_dir, final_step, eval_before, eval_after, history,
                            interrupted=interrupted)
 
@@ -315,23 +233,16 @@ class _Run:
         weight = self.accelerator.num_processes / sum(len(m) for m in micro)
         tokens = 0
         for i, positions in enumerate(micro):
-            batch = next(batches(self.data.train, [self.schedule.shard(positions)], self.collator,
-                                 self.accelerator.device))
+            batch = self.task.micro_batch(self.schedule.shard(positions))
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
-            with sync:
-                out, logps = self.scorer(batch, self.state)
-                loss = out.losses.sum() * weight
-                if self.retain is not None:
-                    loss = loss + self.retain.loss(self.wrapped, step, i, stats)
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.module):
+                loss, batch_tokens = self.task.loss(self.module, batch, step, i, weight, stats)
                 if not finite(loss):
                     raise NonFiniteLossError(self._nonfinite_message(step, "loss", float(loss.detach())))
                 self.accelerator.backward(loss)
-            add_batch_statistics(stats, out, logps)
-            self.state = {**self.state, **out.state}
-            tokens += int(batch["attention_mask"].sum())
-        max_norm = self.config.training.max_grad_norm or float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(self.wrapped.parameters(), max_norm)
+            tokens += batch_tokens
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = self.accelerator.clip_grad_norm_(self.module.parameters(), max_norm)
         if not finite(grad_norm):
             raise NonFiniteLossError(self._nonfinite_message(step, "gradient norm", float(grad_norm)))
         stats.add_mean("grad_norm", float(grad_norm), 1)
@@ -339,16 +250,6 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return tokens
-
-    def _maybe_sync_reference(self, done: int, stats: MeanAccumulator) -> None:
-        """TR-DPO: after every ``sync_steps`` optimizer steps, move the reference towards the policy."""
-        every, alpha = self.config.reference.sync_steps, self.config.reference.sync_alpha
-        if not every or done % every:
-            return
-        self.train_reference.sync(self.accelerator.unwrap_model(self.wrapped).model, alpha)
-        self.syncs += 1
-        log.info("reference synced with the policy after step %d (alpha=%g, sync %d)", done, alpha, self.syncs)
-        stats.add_mean("reference/syncs", float(self.syncs), 1)
 
     def _nonfinite_message(self, step: int, what: str, value: float) -> str:
         last = latest_checkpoint(self.run_dir)

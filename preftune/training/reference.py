@@ -1,7 +1,8 @@
 """Reference log-probs: a frozen model, the policy with its LoRA adapters disabled, or an on-disk cache.
 
-Every reference answers one question: the summed completion log-probs ``(2B,)`` (chosen rows then
-rejected rows, as in the batch) under the reference policy, without gradients.
+Every reference answers one question: the summed completion log-probs ``(N,)`` of a batch's rows (for pairs:
+chosen rows then rejected rows) under the reference policy, without gradients. ``build_reference`` picks the
+live one a run needs; ``precompute_reference`` turns it into a cache keyed by everything it depends on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .. import modeling
+from ..config import Config
+from ..data import Collator, TokenizedExample, batches, content_hash, row_layout
 from .logps import TokenReference, completion_logps
+from .schedule import sequential_batches
 
 log = logging.getLogger("preftune")
 Batch = dict[str, Tensor]
@@ -64,15 +69,6 @@ class AdapterOffReference(ModelReference):
         return TokenReference(self.model, disable=self.model.disable_adapter)
 
 
-def row_layout(batch: Batch) -> tuple[Tensor, Tensor]:
-    """(example, slot) of every row; collators without explicit layout put slot k of all examples together."""
-    if "row_example" in batch:
-        return batch["row_example"], batch["row_slot"]
-    n_rows, n_examples = batch["input_ids"].shape[0], batch["index"].shape[0]
-    rows = torch.arange(n_rows, device=batch["input_ids"].device)
-    return rows % n_examples, rows // n_examples
-
-
 class CachedReference:
     """Reference log-probs computed once for every completion of a split, looked up by (example, slot)."""
 
@@ -80,7 +76,7 @@ class CachedReference:
         self.table = table  # (n, K): slot k of example index i
 
     def __call__(self, batch: Batch) -> Tensor:
-        example, slot = row_layout(batch)
+        example, slot, _ = row_layout(batch)
         index = batch["index"][example].cpu()
         return self.table[index, slot.cpu()].to(batch["input_ids"].device)
 
@@ -122,7 +118,7 @@ def precompute(
     table = torch.full((size, slots), float("nan"))
     iterator = progress(batches) if progress else batches
     for batch in iterator:
-        example, slot = row_layout(batch)
+        example, slot, _ = row_layout(batch)
         table[batch["index"][example].cpu(), slot.cpu()] = reference(batch).float().cpu()
     if torch.isnan(table[covered, 0]).any():
         raise RuntimeError("reference precomputation did not cover every example; this is a bug in the batching")
@@ -132,3 +128,32 @@ def precompute(
     tmp.replace(cache_file)
     log.info("cached reference log-probs for %d examples at %s", size, cache_file)
     return CachedReference(table)
+
+
+def build_reference(config: Config, objective, policy: nn.Module, autocast) -> ModelReference | None:
+    """The live reference ``objective`` (a plan) needs: adapters off (LoRA), another model, or a frozen copy."""
+    if not objective.needs_reference:
+        return None
+    chunk = config.training.logps_chunk_size
+    if config.reference.name_or_path:
+        model = modeling.load_frozen(config.reference.name_or_path, config.model)
+        return ModelReference(model.to(next(policy.parameters()).device), chunk, autocast)
+    if config.lora.enabled:
+        return AdapterOffReference(policy, chunk, autocast)
+    return ModelReference(modeling.frozen_copy(policy), chunk, autocast)
+
+
+def precompute_reference(
+    config: Config, reference: ModelReference, examples: list[TokenizedExample], collator: Collator,
+    device: torch.device, split: str, progress,
+) -> CachedReference:
+    """Reference log-probs of a whole split, cached on disk under a hash of everything they depend on."""
+    key = cache_key(weights_digest(reference.model), content_hash(examples),
+                    f"{config.training.precision}|{config.model.dtype}")
+    cache_file = Path(config.reference.cache_dir).expanduser() / f"{key}.safetensors"
+    size = max(ex.index for ex in examples) + 1
+    slots = max(len(ex.completions) for ex in examples)
+    order = sequential_batches(len(examples), config.training.eval_batch_size)
+    return precompute(reference, batches(examples, order, collator, device), size, slots, cache_file,
+                      covered=[ex.index for ex in examples],
+                      progress=lambda it: progress(it, total=len(order), desc=f"reference log-probs ({split})"))

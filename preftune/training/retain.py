@@ -14,9 +14,8 @@ import logging
 import torch
 
 from ..config import Config
-from ..data import Collator, load_examples, tokenize_examples
+from ..data import Collator, batches, load_examples, tokenize_examples
 from .metrics import MeanAccumulator
-from .pipeline import batches
 from .schedule import BatchSchedule
 
 log = logging.getLogger("preftune")

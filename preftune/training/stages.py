@@ -15,6 +15,10 @@ from pathlib import Path
 
 from ..atomic import write_jsonl
 from ..config import Config, save_config
+from ..data import read_splits
+from .loop import TrainResult, run_log
+from .metrics import read_metrics
+from .preference import train_run
 
 log = logging.getLogger("preftune")
 
@@ -27,14 +31,14 @@ def _rows(examples) -> list[dict]:
 def stage_files(config: Config, splits, folder: Path) -> tuple[list[Path], Path | None]:
     """``training.stages: N`` cuts the validated train split into N consecutive parts in file order (sort
     the file easy-to-hard for the paper's curriculum); a list of files gives one stage per file."""
-    folder.mkdir(parents=True, exist_ok=True)
     stages = config.training.stages
+    if isinstance(stages, list):  # each stage run reads its file with the recipe's own data settings
+        return [Path(p) for p in stages], None
+    folder.mkdir(parents=True, exist_ok=True)
     eval_file = None
     if splits.eval:
         eval_file = folder / "eval.jsonl"
         write_jsonl(eval_file, _rows(splits.eval))
-    if isinstance(stages, list):
-        return [Path(p) for p in stages], eval_file
     if stages > len(splits.train):
         raise ValueError(f"training.stages={stages} but only {len(splits.train)} training examples")
     bounds = [round(i * len(splits.train) / stages) for i in range(stages + 1)]
@@ -61,33 +65,45 @@ def stage_config(config: Config, t: int, count: int, data_file: Path, eval_file:
     return stage
 
 
-def _finished(run_dir: Path):
+def _finished(run_dir: Path) -> TrainResult:
     """The result of a stage finished by an earlier invocation, read back from its run directory."""
-    from .loop import TrainResult
-    from .metrics import read_metrics
-
     history = read_metrics(run_dir)
     evals = [row for row in history if any(k.startswith("eval/") for k in row)]
     steps = max((row["step"] for row in history), default=0)
     return TrainResult(run_dir, run_dir / "final", steps, None, evals[-1] if evals else None, history)
 
 
-def train_in_stages(config: Config, command: str, splits, train_one):
-    """Run every stage in order with ``train_one(stage_config) -> TrainResult``; returns the last result."""
+def read_stage_data(config: Config, objective):
+    """Every stage's rows validated before any model loads: the train file's splits for ``stages: N``; each
+    file (split by the recipe's own eval settings) for a list of files."""
     root = Path(config.training.output_dir)
-    files, eval_file = stage_files(config, splits, root / "stages")
-    save_config(config, root / "config.yaml")
-    start, result = config.model.name_or_path, None
-    for t, data_file in enumerate(files, start=1):
-        stage = stage_config(config, t, len(files), data_file, eval_file, start)
-        final = Path(stage.training.output_dir) / "final"
-        if final.is_dir() and (final / "preftune_config.yaml").is_file():
-            log.info("sDPO stage %d/%d already finished (%s): skipping", t, len(files), final)
-            start, result = str(final), _finished(final.parent)
-            continue
-        log.info("sDPO stage %d/%d: policy and reference start from %s; data %s", t, len(files), start, data_file)
-        result = train_one(stage, command)
-        if result.interrupted:
-            return result
-        start = str(result.final_dir)
-    return result
+    if isinstance(config.training.stages, list):
+        for path in config.training.stages:
+            read_splits(dataclasses.replace(config, data=dataclasses.replace(config.data, train_file=path)),
+                        objective, root)
+        return None
+    return read_splits(config, objective, root)
+
+
+def train_in_stages(config: Config, objective, command: str = "train") -> TrainResult:
+    """Run every stage in order, each a run of its own; returns the last stage's result."""
+    root = Path(config.training.output_dir)
+    with run_log(root):
+        splits = read_stage_data(config, objective)
+        files, eval_file = stage_files(config, splits, root / "stages")
+        save_config(config, root / "config.yaml")
+        start, result = config.model.name_or_path, None
+        for t, data_file in enumerate(files, start=1):
+            stage = stage_config(config, t, len(files), data_file, eval_file, start)
+            final = Path(stage.training.output_dir) / "final"
+            if final.is_dir() and (final / "preftune_config.yaml").is_file():
+                log.info("sDPO stage %d/%d already finished (%s): skipping", t, len(files), final)
+                start, result = str(final), _finished(final.parent)
+                continue
+            log.info("sDPO stage %d/%d: policy and reference start from %s; data %s", t, len(files), start,
+                     data_file)
+            result = train_run(stage, objective, command)
+            if result.interrupted:
+                return result
+            start = str(result.final_dir)
+        return result

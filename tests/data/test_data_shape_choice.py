@@ -33,7 +33,7 @@ TABLE = {
 
 @pytest.fixture(autouse=True)
 def table(monkeypatch):
-    monkeypatch.setattr("preftune.objectives.OBJECTIVES", TABLE)
+    monkeypatch.setattr("preftune.objectives.table.OBJECTIVES", TABLE)
 
 
 def write_jsonl(path, rows):

@@ -15,7 +15,7 @@ from preftune.cli import main
 from preftune.config import ConfigError, build_section
 from preftune.experiments.frontier.config import FrontierConfig, FrontierPromptsConfig, load_frontier_config
 from preftune.experiments.frontier.run import best_of_n, make_prompts, run_frontier
-from preftune.experiments.sentiment_pairs import read_rated
+from preftune.experiments.snippets import read_snippets
 from preftune.feedback.judges import build_judge
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def test_prompts_are_disjoint_prefixes_of_snippets_within_the_word_bounds():
     train, held_out = make_prompts(config)
     assert (len(train), len(held_out)) == (50, 20)
     assert not set(train) & set(held_out) and len(set(train)) == 50
-    texts = [r.text.split() for r in read_rated()]
+    texts = [r.text.split() for r in read_snippets()]
     for prompt in train + held_out:
         words = prompt.split()
         assert 2 <= len(words) <= 5
@@ -133,7 +133,7 @@ def test_the_experiment_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, m
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage was run again")
 
-    monkeypatch.setattr("preftune.training.loop.train", refuse)
+    monkeypatch.setattr("preftune.training.run.train_run", refuse)
     monkeypatch.setattr("preftune.feedback.sampling.load_for_sampling", refuse)
     assert run_frontier(config, judge=_judge())["points"] == report["points"]
 

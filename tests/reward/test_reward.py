@@ -15,12 +15,12 @@ import yaml
 from preftune.cli import main
 from preftune.config import ConfigError, build_section
 from preftune.experiments.sentiment_pairs import (
-    Rated,
     calibrate_threshold,
     rated_pairs,
     sign_accuracy,
     split_rated,
 )
+from preftune.experiments.snippets import Snippet
 from preftune.feedback.judges import build_judge
 from preftune.reward.data import build_groups, load_reward_examples
 from preftune.reward.losses import bradley_terry_loss, pairwise_accuracy, plackett_luce_loss
@@ -199,7 +199,7 @@ def test_bad_reward_config_names_the_key(override, message):
 
 
 def test_rated_pairs_respect_the_gap_and_choose_the_higher_rating():
-    items = [Rated(f"t{i}", r) for i, r in enumerate([-3.0, -1.0, -0.5, 0.0, 0.4, 2.0, 3.5])]
+    items = [Snippet(f"t{i}", r) for i, r in enumerate([-3.0, -1.0, -0.5, 0.0, 0.4, 2.0, 3.5])]
     pairs = rated_pairs(items, min_gap=1.0, per_item=3, seed=0)
     assert pairs and all(c.rating - r.rating >= 1.0 for c, r in pairs)
     assert len({frozenset((c.text, r.text)) for c, r in pairs}) == len(pairs)  # each unordered pair once

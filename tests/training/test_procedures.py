@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from preftune.config import ConfigError, config_from_dict
-from preftune.training.loop import train
+from preftune.training import train
 
 
 def run(raw: dict, *overrides: str):
@@ -65,17 +65,17 @@ def test_sync_resumes_exactly(base_config, tmp_path, monkeypatch):
     straight = run(raw, f"training.output_dir={tmp_path / 'a'}")
     from preftune.training import loop as trainer_module
 
-    original = trainer_module._Run._optimizer_step
+    original = trainer_module.Loop._optimizer_step
 
     def crash(self, step, stats):
         if step == 4:
             raise RuntimeError("simulated crash")
         return original(self, step, stats)
 
-    monkeypatch.setattr(trainer_module._Run, "_optimizer_step", crash)
+    monkeypatch.setattr(trainer_module.Loop, "_optimizer_step", crash)
     with pytest.raises(RuntimeError):
         run(raw, f"training.output_dir={tmp_path / 'b'}")
-    monkeypatch.setattr(trainer_module._Run, "_optimizer_step", original)
+    monkeypatch.setattr(trainer_module.Loop, "_optimizer_step", original)
     resumed = run(raw, f"training.output_dir={tmp_path / 'b'}")
     assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
 

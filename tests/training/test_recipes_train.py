@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from preftune.config import load_config
-from preftune.training.loop import train
+from preftune.training import train
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "# Run:  preftune train " in p.read_text()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.config import config_from_dict
 from preftune.data import PairCollator, load_examples, tokenize_examples
-from preftune.training.loop import NonFiniteLossError, train
+from preftune.training import NonFiniteLossError, train
 
 TRAIN_KEYS = {"step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
               "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_second"}
@@ -103,17 +103,17 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_curve(base_config, tm
 
     from preftune.training import loop as trainer_module
 
-    original = trainer_module._Run._optimizer_step
+    original = trainer_module.Loop._optimizer_step
 
     def crash_at_step_5(self, step, stats):
         if step == 4:
             raise RuntimeError("simulated crash")
         return original(self, step, stats)
 
-    monkeypatch.setattr(trainer_module._Run, "_optimizer_step", crash_at_step_5)
+    monkeypatch.setattr(trainer_module.Loop, "_optimizer_step", crash_at_step_5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(raw, f"training.output_dir={tmp_path / 'crashed'}")
-    monkeypatch.setattr(trainer_module._Run, "_optimizer_step", original)
+    monkeypatch.setattr(trainer_module.Loop, "_optimizer_step", original)
     resumed = run(raw, f"training.output_dir={tmp_path / 'crashed'}")
     assert resumed.eval_before is None  # the resumed run does not redo step-0 evaluation
     a, b = train_rows(straight.history), train_rows(resumed.history)

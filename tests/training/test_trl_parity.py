@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  #
 
 from preftune.config import config_from_dict  # noqa: E402
 from preftune.data import load_examples, tokenize_examples  # noqa: E402
-from preftune.training.loop import train  # noqa: E402
+from preftune.training import train  # noqa: E402
 
 from conftest import snippets  # noqa: E402
 

@@ -83,10 +83,10 @@ def reward_stage(config: FrontierConfig, out: Path) -> tuple[str, dict | None]:
 
 def make_prompts(config: FrontierPromptsConfig) -> tuple[list[str], list[str]]:
     """(train, held-out) review prefixes of distinct snippets; the two sets share no snippet and no prefix."""
-    from ..sentiment_pairs import read_rated
+    from ..snippets import read_snippets
 
     rng = random.Random(config.seed)
-    snippets = [r.text for r in read_rated(config.file)]
+    snippets = [r.text for r in read_snippets(config.file)]
     rng.shuffle(snippets)
     seen, prompts = set(), []
     for text in snippets:
@@ -232,7 +232,7 @@ def _baseline_points(stage: _Stage, prompts_file: Path) -> list[dict]:
 def _method_point(stage: _Stage, index: int, pairs_file: Path, prompts_file: Path) -> dict:
     """Train method ``index`` (resuming a stopped run), sample the held-out prompts, evaluate; cached in
     ``methods/NAME/point.json`` together with a fingerprint of everything that produced it."""
-    from ...training.loop import train
+    from ...training import train
 
     config, out = stage.config, stage.out
     method = config.methods[index]
@@ -334,11 +334,7 @@ def run_frontier(config: FrontierConfig, judge=None) -> dict:
 def command(args: argparse.Namespace) -> int:
     """The ``preftune frontier`` handler."""
     config = load_frontier_config(args.config, args.overrides)
-    try:
-        report = run_frontier(config)
-    except KeyboardInterrupt:
-        print(f"interrupted; finished stages are kept in {config.output_dir}: run the same command to resume")
-        return 130
+    report = run_frontier(config)
     from .report import format_table
 
     print(format_table(report["points"]))

@@ -1,0 +1,46 @@
+"""A run's data, end to end: every row read and validated before anything heavy happens, then both splits
+tokenized, with one log line per conversion and truncation summary."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+from .load import DataSplits, load_examples
+from .tokenize import tokenize_examples
+from .tokenized import TokenizedExample
+
+log = logging.getLogger("preftune")
+
+
+@dataclass
+class TokenizedSplits:
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    summaries: list[str]
+
+
+def read_splits(config: Config, objective, run_dir: Path | None, shapes: tuple[str, ...] | None = None) -> DataSplits:
+    """Load and validate every row (fails fast on bad data, before any model loads). The file's shape must be
+    one the objective (an ``ObjectivePlan``) trains on; ``shapes`` narrows that, e.g. for `preftune eval`."""
+    splits = load_examples(config.data, shapes or objective.shapes, seed=config.training.seed, report_dir=run_dir,
+                           objective=objective.name)
+    log.info("data: %d train and %d held-out examples (%s) from %s", len(splits.train), len(splits.eval),
+             splits.shape, config.data.train_file)
+    for line in splits.summaries:
+        log.info("%s", line)
+    return splits
+
+
+def tokenize_splits(config: Config, splits: DataSplits, tokenizer) -> TokenizedSplits:
+    train, train_summary = tokenize_examples(splits.train, tokenizer, config.data)
+    summaries = list(splits.summaries) + [f"train: {train_summary.describe()}"]
+    held_out: list[TokenizedExample] = []
+    if splits.eval:
+        held_out, eval_summary = tokenize_examples(splits.eval, tokenizer, config.data)
+        summaries.append(f"eval: {eval_summary.describe()}")
+    for line in summaries:
+        log.info("%s", line)
+    return TokenizedSplits(train, held_out, summaries)

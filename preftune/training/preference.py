@@ -1,0 +1,162 @@
+"""Preference optimization (and SFT) as a task of the training loop: the policy's completion log-probs, the
+reference the objective needs, the objective's running statistics, a retain set, TR-DPO's moving reference,
+held-out evaluation and the ``final/`` export.
+
+``train_run`` is one run from a checked config: data first (bad rows fail before any model loads), then the
+tokenizer, the policy and the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import modeling
+from ..config import Config, save_config
+from ..data import Collator, TokenizedSplits, batches, read_splits, tokenize_splits
+from .export import export_final
+from .logps import CompletionLogps
+from .loop import Loop, TrainResult, run_log
+from .metrics import MeanAccumulator, add_batch_statistics
+from .reference import build_reference, precompute_reference
+from .schedule import sequential_batches
+from .step import Scorer, evaluate
+from .sync import syncing_reference
+
+log = logging.getLogger("preftune")
+
+
+def _value_head(policy: torch.nn.Module) -> torch.nn.Module:
+    """A scalar value head V(x) on the policy's last prompt hidden state (DRO), zero-initialised so that
+    training starts from V = 0."""
+    config = policy.get_base_model().config if hasattr(policy, "get_base_model") else policy.config
+    head = torch.nn.Linear(config.get_text_config().hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head.to(next(policy.parameters()).device)
+
+
+class PreferenceTask:
+    """The policy (wrapped so one forward returns completion log-probs) under ``objective`` (an ObjectivePlan)."""
+
+    progress_metric = "rewards/accuracies"
+
+    def __init__(self, config: Config, objective, tokenizer, policy: torch.nn.Module, data: TokenizedSplits,
+                 shape: str):
+        t = config.training
+        self.config, self.objective, self.tokenizer, self.policy, self.data = config, objective, tokenizer, policy, data
+        self.collator = Collator(tokenizer.pad_token_id, shape)
+        self.num_examples = len(data.train)
+        if objective.batch_level and t.gradient_accumulation_steps > 1:
+            log.warning("objective %r compares examples within a micro-batch: with gradient accumulation its "
+                        "loss is that of %d batches of %d, not of one batch of %d", objective.name,
+                        t.gradient_accumulation_steps, t.batch_size, t.batch_size * t.gradient_accumulation_steps)
+        value_head = _value_head(policy) if objective.needs_value else None
+        self.module = CompletionLogps(policy, t.logps_chunk_size, value_head)
+        self.state: dict[str, torch.Tensor] = {}  # the objective's running statistics (β-DPO, BCO)
+        self.syncs = 0
+        self.retain = None
+
+    def param_groups(self, config) -> list[dict]:
+        return [{"params": [p for p in self.module.parameters() if p.requires_grad]}]
+
+    def attach(self, module, accelerator, progress) -> None:
+        """Build the reference (from the unwrapped policy), precompute it if asked, and the scorers."""
+        config, objective = self.config, self.objective
+        self.accelerator, self.progress = accelerator, progress
+        reference = build_reference(config, objective, self.policy, accelerator.autocast)
+        if config.reference.sync_steps:
+            if reference is None:
+                raise ValueError(f"reference.sync_steps (TR-DPO) needs an objective with a reference; "
+                                 f"{objective.name!r} is reference-free")
+            reference = syncing_reference(reference, config.lora.enabled)
+        self.train_reference = self.eval_reference = reference
+        if reference is not None and config.reference.precompute:
+            self._precompute(reference)
+        token_reference = reference.token_level() if objective.needs_live_reference else None
+        self.scorer = Scorer(module, self.train_reference, objective, token_reference)
+        self.eval_scorer = Scorer(module, self.eval_reference, objective, token_reference)
+        if config.data.retain_file:
+            from .retain import RetainSet
+
+            self.retain = RetainSet(config, self.tokenizer, accelerator.device, accelerator.process_index,
+                                    accelerator.num_processes)
+
+    def _precompute(self, reference) -> None:
+        device = self.accelerator.device
+        self.train_reference = precompute_reference(
+            self.config, reference, self.data.train, self.collator, device, "train", self.progress)
+        if self.data.eval:
+            self.eval_reference = precompute_reference(
+                self.config, reference, self.data.eval, self.collator, device, "eval", self.progress)
+        if not self.config.lora.enabled:
+            reference.release()  # free the frozen copy: from now on the cache answers
+        log.info("reference log-probs precomputed; the reference model is no longer needed")
+
+    def micro_batch(self, positions: list[int]):
+        return next(batches(self.data.train, [positions], self.collator, self.accelerator.device))
+
+    def loss(self, module, batch, step: int, micro: int, weight: float,
+             stats: MeanAccumulator) -> tuple[torch.Tensor, int]:
+        out, logps = self.scorer(batch, self.state)
+        loss = out.losses.sum() * weight
+        if self.retain is not None:  # weighted over the step's retain examples by the retain set itself
+            loss = loss + self.retain.loss(module, step, micro, stats)
+        add_batch_statistics(stats, out, logps)
+        self.state = {**self.state, **out.state}
+        return loss, int(batch["attention_mask"].sum())
+
+    def evaluate(self, module) -> dict[str, float] | None:
+        if not self.data.eval:
+            return None
+        order = sequential_batches(len(self.data.eval), self.config.training.eval_batch_size)
+        loader = batches(self.data.eval, order, self.collator, self.accelerator.device)
+        return evaluate(self.eval_scorer, self.progress(loader, len(order), "evaluating"), module, self.state)
+
+    def after_step(self, module, done: int, stats: MeanAccumulator) -> None:
+        """TR-DPO: after every ``sync_steps`` optimizer steps, move the reference towards the policy."""
+        every, alpha = self.config.reference.sync_steps, self.config.reference.sync_alpha
+        if not every or done % every:
+            return
+        self.train_reference.sync(self.accelerator.unwrap_model(module).model, alpha)
+        self.syncs += 1
+        log.info("reference synced with the policy after step %d (alpha=%g, sync %d)", done, alpha, self.syncs)
+        stats.add_mean("reference/syncs", float(self.syncs), 1)
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        extra, tensors = {}, dict(self.state)
+        if self.config.reference.sync_steps:  # the reference moved: resuming needs it as it is now
+            tensors.update({f"reference/{k}": v for k, v in self.train_reference.state().items()})
+            extra["reference_syncs"] = self.syncs
+        return extra, tensors
+
+    def restore_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.state = {k: v for k, v in tensors.items() if not k.startswith("reference/")}
+        if self.config.reference.sync_steps:
+            prefix = len("reference/")
+            self.train_reference.load_state({k[prefix:]: v for k, v in tensors.items() if k.startswith("reference/")})
+            self.syncs = state.get("reference_syncs", 0)
+
+    def export(self, module, history: list[dict]) -> Path:
+        return export_final(self.config, module.model, self.tokenizer, Path(self.config.training.output_dir),
+                            history, self.data, self.objective.primary.objective, value_head=module.value_head)
+
+
+def train_run(config: Config, objective, command: str = "train") -> TrainResult:
+    """One run: validated data, then tokenizer, policy and the loop (``objective`` is the config's plan)."""
+    run_dir = Path(config.training.output_dir)
+    with run_log(run_dir):
+        log.info("preftune %s: objective %s, run directory %s", command, objective.name, run_dir)
+        splits = read_splits(config, objective, run_dir)  # bad data fails here, before any model loads
+        save_config(config, run_dir / "config.yaml")
+        torch.manual_seed(config.training.seed)
+        accelerator = modeling.make_accelerator(config.training.precision)
+        tokenizer = modeling.load_tokenizer(config.model.name_or_path)
+        data = tokenize_splits(config, splits, tokenizer)
+        policy = modeling.load_policy(config).to(accelerator.device)
+        trainable, total = modeling.count_parameters(policy)
+        log.info("policy: %s, %d of %d parameters trainable", config.model.name_or_path, trainable, total)
+        task = PreferenceTask(config, objective, tokenizer, policy, data, splits.shape)
+        return Loop(config.training, task, accelerator, run_dir).fit()
