@@ -90,6 +90,10 @@ COMMANDS: dict[str, Command] = {
                      "preftune.feedback.label:command", config_type="preftune.feedback.label:LabelConfig"),
     "reward": Command("train a Bradley-Terry reward model (a scalar head on any backbone) from pairs or ranked lists",
                       "preftune.reward.train:command", config_type="preftune.reward.train:RewardConfig"),
+    "sentiment-reward": Command("the frontier's sentiment reward model: pairs from the rated movie snippets, a "
+                                "reward model on them, its held-out sign accuracy",
+                                "preftune.experiments.sentiment_reward:command",
+                                config_type="preftune.experiments.sentiment_reward:SentimentRewardConfig"),
     "winrate": Command("evaluate generations: win rate vs a baseline under a judge, mean reward, KL(pi||ref), lengths",
                        "preftune.evaluation.winrate:command", config_type="preftune.evaluation.winrate:WinrateConfig"),
     "frontier": Command("the DPO paper's controlled-sentiment experiment: reward vs KL of DPO, IPO, SimPO, ... plotted",

@@ -58,13 +58,13 @@ def load_causal_lm(name_or_path: str, model_cfg: ModelConfig, keep_dropout: bool
     return model
 
 
-def add_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+def add_lora(model: nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     peft_config = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM", bias="none",
+        task_type=task_type, bias="none",
     )
     try:
         return get_peft_model(model, peft_config)

@@ -35,7 +35,7 @@ def test_every_recipe_loads_with_its_command(path):
         from preftune.cli import COMMANDS
 
         module = importlib.import_module(COMMANDS[command].handler.partition(":")[0])
-        getattr(module, f"load_{command}_config")(path)
+        getattr(module, f"load_{command.replace('-', '_')}_config")(path)
 
 
 def test_overrides_are_typed_and_reach_objective_parameters():

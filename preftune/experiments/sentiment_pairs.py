@@ -23,7 +23,7 @@ from .snippets import Snippet, read_snippets
 
 @dataclass
 class SentimentPairsConfig:
-    enabled: bool = False  # build data.train_file / data.eval_file from rated snippets before training
+    enabled: bool = True  # build data.train_file / data.eval_file from rated snippets before training
     file: str = ""  # TSV with a header and columns id, sentiment, text; "" = the bundled movie snippets
     min_gap: float = 1.0  # two ratings at least this far apart make a pair
     pairs_per_snippet: int = 4  # partners drawn for every snippet (duplicates dropped)

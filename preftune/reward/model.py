@@ -171,8 +171,13 @@ class RewardModel(nn.Module):
         """(N, H) -> (N,) rewards."""
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.score_pooled(self.pool(input_ids, attention_mask))
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+                pooled: Tensor | None = None) -> Tensor:
+        """(N,) rewards of right-padded texts ``(N, T)``, or of vectors already pooled ``(N, H)`` (the frozen
+        backbone's cache: only the head runs)."""
+        if pooled is None:
+            pooled = self.pool(input_ids, attention_mask)
+        return self.score_pooled(pooled)
 
     @torch.no_grad()
     def pooled_in_batches(self, sequences: Sequence[list[int]], pad_id: int, batch_size: int, progress=None) -> Tensor:

