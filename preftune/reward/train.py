@@ -277,7 +277,7 @@ def train_reward(config: RewardConfig) -> RewardResult:
     model = RewardModel.from_backbone(config.model, config.data.chat_template, t.seed)
     model.backbone.requires_grad_(not config.model.freeze_backbone)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path))
+    tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path), config.model.trust_remote_code)
     model.meta.chat_template = resolved_chat_template(config.data, splits.train + splits.eval, tokenizer)
     texts, train, held_out = build_groups(splits, tokenizer, model.meta)
     def progress(batches):

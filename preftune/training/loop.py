@@ -140,7 +140,7 @@ def train(config: Config, command: str = "train") -> TrainResult:
         save_config(config, run_dir / "config.yaml")
         torch.manual_seed(t.seed)
         accelerator = make_accelerator(t.precision)
-        tokenizer = modeling.load_tokenizer(config.model.name_or_path)
+        tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         data = tokenize(config, splits, tokenizer)
         policy = modeling.load_policy(config).to(accelerator.device)
         trainable, total = modeling.count_parameters(policy)
