@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(with_options="-h" in argv or "--help" in argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per judge request otherwise
     handler = COMMANDS[args.command].handler
     return _run_handled(args.command, _lazy(handler) if isinstance(handler, str) else handler, args)
 

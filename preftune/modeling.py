@@ -1,19 +1,28 @@
 """Loading the policy, its tokenizer and a reference model from a Hugging Face folder (or hub name), and the
-accelerator a run computes with."""
+accelerator a run computes with.
+
+A model folder is data: its config, weights and tokenizer are read, but Python modules it ships (``auto_map``
+in its config) run only when the config says ``trust_remote_code: true``. transformers is always told
+``trust_remote_code`` explicitly (left unset, it would ask on the terminal), and its refusal becomes one
+line naming preftune's key.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .config import Config, LoraConfig, ModelConfig
+from .config import Config, ConfigError, LoraConfig, ModelConfig
 
 log = logging.getLogger("preftune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TRUST_KEY = "model.trust_remote_code"  # where most commands keep it; callers with another section pass theirs
 
 
 def resolve(name_or_path: str) -> str:
@@ -25,8 +34,24 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+@contextlib.contextmanager
+def remote_code_refused(name_or_path: str, key: str = TRUST_KEY) -> Iterator[None]:
+    """Turn transformers' refusal to run a folder's own code (several lines about ``trust_remote_code=True``)
+    into a ``ConfigError`` naming the config key that allows it."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(
+            f"config key '{key}': {name_or_path} ships its own modelling code (auto_map in its config), which "
+            f"preftune runs only with {key}: true; set that only for a model folder you trust"
+        ) from exc
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, key: str = TRUST_KEY) -> PreTrainedTokenizerBase:
+    with remote_code_refused(name_or_path, key):
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {name_or_path} has no EOS token; completions must end with one")
     if tokenizer.pad_token_id is None:  # padding positions are masked out, so any id will do
@@ -42,15 +67,17 @@ def _without_dropout(config) -> None:
             setattr(config, key, 0.0)
 
 
-def load_causal_lm(name_or_path: str, model_cfg: ModelConfig, keep_dropout: bool = False) -> nn.Module:
+def load_causal_lm(name_or_path: str, model_cfg: ModelConfig, keep_dropout: bool = False,
+                   key: str = TRUST_KEY) -> nn.Module:
     path = resolve(name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    if not keep_dropout:
-        _without_dropout(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
+    with remote_code_refused(name_or_path, key):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        if not keep_dropout:
+            _without_dropout(config)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
     if not keep_dropout:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
@@ -92,8 +119,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return reference
 
 
-def load_frozen(name_or_path: str, model_cfg: ModelConfig) -> nn.Module:
-    model = load_causal_lm(name_or_path, model_cfg)
+def load_frozen(name_or_path: str, model_cfg: ModelConfig, key: str = TRUST_KEY) -> nn.Module:
+    model = load_causal_lm(name_or_path, model_cfg, key=key)
     model.requires_grad_(False)
     model.eval()
     return model

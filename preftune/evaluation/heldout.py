@@ -28,7 +28,9 @@ def _load_policy(config: Config):
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=modeling.DTYPES[config.model.dtype])
+        with modeling.remote_code_refused(str(path)):  # the adapter's base model is loaded here
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=modeling.DTYPES[config.model.dtype],
+                                                             trust_remote_code=config.model.trust_remote_code)
         return model, True
     return modeling.load_causal_lm(str(path), config.model), False
 
@@ -42,7 +44,7 @@ def evaluate_model(config: Config) -> dict[str, float]:
     if not splits.eval:
         log.warning("no held-out split configured: evaluating on every row of %s", config.data.train_file)
     accelerator = modeling.make_accelerator(config.training.precision)
-    tokenizer = modeling.load_tokenizer(config.model.name_or_path)
+    tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     splits.train, splits.eval = examples, []
     tokenized = tokenize_splits(config, splits, tokenizer).train
     policy, is_adapter = _load_policy(config)

@@ -32,6 +32,7 @@ from .analysis.lengths import length_stats
 from .analysis.winrate import win_rate
 
 log = logging.getLogger("preftune")
+TRUST_KEY = "kl.trust_remote_code"  # the KL and length sections load models and tokenizers
 
 
 @dataclass
@@ -48,6 +49,7 @@ class KLConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = 8  # samples per forward pass
     logps_chunk_size: int = 1024
+    trust_remote_code: bool = False  # run Python modules the policy's or reference's folder ships (auto_map)
 
 
 @dataclass
@@ -182,16 +184,17 @@ def _kl_section(config: WinrateConfig, gen: GenerationsFile) -> dict:
         log.warning("%s was sampled with temperature %s, top_p %s, top_k %s: its samples are not from π itself, so "
                     "the KL estimate is biased (sample with temperature 1, top_p 1, top_k 0 for an unbiased one)",
                     gen.path, s.get("temperature"), s.get("top_p"), s.get("top_k"))
-    tokenizer = load_tokenizer_for(policy_name)
-    if len(load_tokenizer_for(config.kl.reference)) != len(tokenizer):
+    trust = config.kl.trust_remote_code
+    tokenizer = load_tokenizer_for(policy_name, trust, TRUST_KEY)
+    if len(load_tokenizer_for(config.kl.reference, trust, TRUST_KEY)) != len(tokenizer):
         raise ValueError(f"kl.reference {config.kl.reference} and the policy {policy_name} have different tokenizers")
     use_template = s.get("chat_template", bool(getattr(tokenizer, "chat_template", None)))
     pairs = [sample_ids(tokenizer, row.prompt, c, use_template, s.get("max_new_tokens"))
              for row in gen.rows for c in row.completions]
-    model_cfg = ModelConfig(dtype=config.kl.dtype)
+    model_cfg = ModelConfig(dtype=config.kl.dtype, trust_remote_code=trust)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = load_for_sampling(policy_name, model_cfg).to(device)
-    reference = load_for_sampling(config.kl.reference, model_cfg).to(device)
+    policy = load_for_sampling(policy_name, model_cfg, TRUST_KEY).to(device)
+    reference = load_for_sampling(config.kl.reference, model_cfg, TRUST_KEY).to(device)
     result = estimate_kl(policy, reference, pairs, tokenizer.pad_token_id, config.kl.batch_size,
                          config.kl.logps_chunk_size,
                          lambda it: tqdm(it, desc="KL(π‖π_ref)", unit="batch", disable=not config.progress_bar))
@@ -204,7 +207,7 @@ def _length_tokenizer(config: WinrateConfig, gen: GenerationsFile):
 
     name = config.lengths.tokenizer or config.kl.policy or gen.model
     try:
-        return load_tokenizer_for(name) if name else None
+        return load_tokenizer_for(name, config.kl.trust_remote_code, TRUST_KEY) if name else None
     except (OSError, ValueError) as exc:
         log.warning("no tokenizer for length statistics (%s): reporting characters only", exc)
         return None

@@ -191,7 +191,7 @@ def generate(config: GenerateConfig, sampler=None) -> GenerateResult:
         log.warning("sampling.temperature is 0 (greedy): all %d completions of a prompt will be the same",
                     config.sampling.num_samples)
     prompts = read_prompts(config.prompts)
-    tokenizer = load_tokenizer_for(config.model.name_or_path)
+    tokenizer = load_tokenizer_for(config.model.name_or_path, config.model.trust_remote_code)
     use_template = _use_template(tokenizer, config.prompts, prompts)
     settings = {**asdict(config.sampling), "chat_template": use_template}
     out = Path(config.output_file)

@@ -51,27 +51,27 @@ def adapter_base(path: Path) -> str | None:
     return base
 
 
-def load_for_sampling(name_or_path: str, model_cfg: ModelConfig) -> nn.Module:
+def load_for_sampling(name_or_path: str, model_cfg: ModelConfig, key: str = modeling.TRUST_KEY) -> nn.Module:
     """A full model folder, or a PEFT adapter folder merged into its base (merging makes every generated
     token as cheap as with the plain model)."""
     path = Path(modeling.resolve(name_or_path))
     base = adapter_base(path)
     if base is None:
-        model = modeling.load_causal_lm(str(path), model_cfg)
+        model = modeling.load_causal_lm(str(path), model_cfg, key=key)
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(modeling.load_causal_lm(base, model_cfg), str(path)).merge_and_unload()
+        model = PeftModel.from_pretrained(modeling.load_causal_lm(base, model_cfg, key=key), str(path)).merge_and_unload()
     return model.eval()
 
 
-def load_tokenizer_for(name_or_path: str):
+def load_tokenizer_for(name_or_path: str, trust_remote_code: bool = False, key: str = modeling.TRUST_KEY):
     """The adapter folder's own tokenizer when it saved one (preftune's final/ does), else the base's."""
     path = Path(modeling.resolve(name_or_path))
     base = adapter_base(path)
     if base is not None and not (path / "tokenizer_config.json").is_file():
-        return modeling.load_tokenizer(base)
-    return modeling.load_tokenizer(str(path))
+        return modeling.load_tokenizer(base, trust_remote_code, key)
+    return modeling.load_tokenizer(str(path), trust_remote_code, key)
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict], use_template: bool) -> list[int]:

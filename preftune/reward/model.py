@@ -198,16 +198,18 @@ class RewardModel(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         path = resolve_backbone(config.name_or_path)
-        model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        with modeling.remote_code_refused(config.name_or_path):
+            model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
         kind = detect_kind(model_config) if config.kind == "auto" else config.kind
         pooling = config.pooling if config.pooling != "auto" else "last" if kind == "decoder" else "mean"
         meta = RewardModelMeta(kind, pooling, config.normalize, config.include_prompt, config.max_length,
                                chat_template, config.name_or_path)
         kwargs = {"dtype": modeling.DTYPES[config.dtype], "trust_remote_code": config.trust_remote_code}
-        if kind == "decoder":  # the causal LM without its LM head (AutoModel would warn about the unused head)
-            backbone = AutoModelForCausalLM.from_pretrained(path, **kwargs).base_model
-        else:
-            backbone = AutoModel.from_pretrained(path, **kwargs)
+        with modeling.remote_code_refused(config.name_or_path):
+            if kind == "decoder":  # the causal LM without its LM head (AutoModel would warn about the unused head)
+                backbone = AutoModelForCausalLM.from_pretrained(path, **kwargs).base_model
+            else:
+                backbone = AutoModel.from_pretrained(path, **kwargs)
         torch.manual_seed(seed)
         model = cls(backbone, meta)
         # a small head (std 1/sqrt(H+1), as TRL's value heads): rewards start near 0 and unbiased
@@ -226,7 +228,10 @@ class RewardModel(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, dtype: str = "float32") -> RewardModel:
+    def load(cls, folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+             key: str = modeling.TRUST_KEY) -> RewardModel:
+        """``trust_remote_code``: run Python modules the folder ships (``auto_map``); ``key`` names the
+        config key that sets it, for the message when the folder needs it."""
         from transformers import AutoModel
 
         folder = Path(folder)
@@ -235,16 +240,19 @@ class RewardModel(nn.Module):
             raise FileNotFoundError(f"{folder} is not a reward model folder written by `preftune reward` "
                                     f"(no {META_FILE}); point at the run's final/ folder")
         meta = RewardModelMeta(**json.loads(meta_path.read_text(encoding="utf-8")))
-        model = cls(AutoModel.from_pretrained(folder, dtype=modeling.DTYPES[dtype]), meta)
+        with modeling.remote_code_refused(str(folder), key):
+            backbone = AutoModel.from_pretrained(folder, dtype=modeling.DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = cls(backbone, meta)
         model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
         return model.eval()
 
 
-def load_reward_tokenizer(path: str):
+def load_reward_tokenizer(path: str, trust_remote_code: bool = False, key: str = modeling.TRUST_KEY):
     """The backbone's tokenizer; a pad token is needed to batch (padding is masked out, so any id will do)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with modeling.remote_code_refused(path, key):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer of {path} has neither a pad nor an EOS token to pad with")

@@ -264,7 +264,7 @@ def train_reward(config: RewardConfig) -> RewardResult:
         torch.manual_seed(t.seed)
         accelerator = modeling.make_accelerator(t.precision)
         model = build_model(config, t.seed).to(accelerator.device)
-        tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path))
+        tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path), config.model.trust_remote_code)
         model.meta.chat_template = resolved_chat_template(config.data, splits.train + splits.eval, tokenizer)
         texts, train, held_out = build_groups(splits, tokenizer, model.meta)
         task = RewardTask(config, model, tokenizer, texts, train, held_out)

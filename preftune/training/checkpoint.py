@@ -4,6 +4,12 @@ A checkpoint is a folder ``checkpoints/step-00000040`` holding the trainable wei
 optimizer and scheduler states, every RNG state and ``trainer_state.json`` (the data position is the step:
 batches are a pure function of seed and step). It is written under a temporary name and renamed into
 place, and rename is atomic, so a crash mid-write never leaves a broken latest checkpoint.
+
+Nothing in a checkpoint is a pickle: a checkpoint folder may come from elsewhere (``training.resume: PATH``,
+a run folder copied from someone), and unpickling runs code. Optimizer, scheduler and RNG states are JSON
+plus safetensors (``state_files`` says why not ``torch.load(weights_only=True)``). Checkpoints of earlier
+versions (``optimizer.pt``, ``scheduler.pt``, ``rng.pt``) are pickles: they are refused, never opened, with a
+message saying how to start over. Every file is read and decoded before the model or optimizer is touched.
 """
 
 from __future__ import annotations
@@ -17,12 +23,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .state_files import StateFileError, load_state, save_state
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 WEIGHTS = "trainable.safetensors"
 STATE_TENSORS = "objective_state.safetensors"
+OPTIMIZER, SCHEDULER, RNG = "optimizer", "scheduler", "rng"  # NAME.json (+ NAME.safetensors), see state_files
+LEGACY_PICKLES = ("optimizer.pt", "scheduler.pt", "rng.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: incomplete, in the old pickle format, or not preftune's."""
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -66,9 +81,9 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / WEIGHTS))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    save_state(optimizer.state_dict(), tmp, OPTIMIZER)
+    save_state(scheduler.state_dict(), tmp, SCHEDULER)
+    save_state(rng_state(), tmp, RNG)
     save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}, str(tmp / STATE_TENSORS))
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
     for file in tmp.iterdir():
@@ -104,12 +119,56 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _read_states(path: Path) -> dict:
+    """Optimizer, scheduler and RNG states, decoded (nothing applied yet)."""
+    if not (path / f"{OPTIMIZER}.json").is_file() and any((path / name).exists() for name in LEGACY_PICKLES):
+        raise CheckpointError(
+            f"checkpoint {path} is in the pickle format of earlier preftune versions (optimizer.pt, scheduler.pt, "
+            "rng.pt), which is not loaded because unpickling can run code; start over with training.resume: never "
+            "or a new training.output_dir"
+        )
+    try:
+        return {name: load_state(path, name) for name in (OPTIMIZER, SCHEDULER, RNG)}
+    except StateFileError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: {exc}") from exc
+
+
+def _tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / name))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {name} is not a readable safetensors file ({exc})") from exc
+
+
+def _apply(what: str, path: Path, restore, state) -> None:
+    """``restore(state)``, with a state that does not fit (another optimizer, a hand-edited file) reported
+    as the checkpoint's problem rather than a traceback from inside torch."""
+    try:
+        restore(state)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: the {what} state does not fit this run ({exc})") from exc
+
+
+def _scheduler_loader(scheduler):
+    """A scheduler's ``load_state_dict`` copies every key onto the scheduler object: only accept the keys it
+    writes itself, so a crafted file cannot set other attributes."""
+    def restore(state: dict) -> None:
+        unexpected = sorted(set(state) - set(scheduler.state_dict())) if isinstance(state, dict) else ["(not a dict)"]
+        if unexpected:
+            raise ValueError(f"unexpected entries {unexpected[:5]}")
+        scheduler.load_state_dict(state)
+    return restore
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG from ``path``; returns the trainer state."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{path} is not a preftune checkpoint (no trainer_state.json)")
-    weights = load_file(str(path / WEIGHTS))
+    states = _read_states(path)
+    weights = _tensors(path, WEIGHTS)
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    state["tensors"] = _tensors(path, STATE_TENSORS) if (path / STATE_TENSORS).is_file() else {}
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
@@ -121,10 +180,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor.to(params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    tensors = path / STATE_TENSORS
-    state["tensors"] = load_file(str(tensors)) if tensors.is_file() else {}
+    _apply("optimizer", path, optimizer.load_state_dict, states[OPTIMIZER])
+    _apply("scheduler", path, _scheduler_loader(scheduler), states[SCHEDULER])
+    _apply("RNG", path, set_rng_state, states[RNG])
     return state

@@ -27,6 +27,14 @@ def _latest(history: list[dict], prefix: str) -> dict[str, float]:
     return found
 
 
+def _remote_code_note(config: Config) -> list[str]:
+    """Whoever loads this model may need the same trust: say that the run ran the folder's own code."""
+    if not config.model.trust_remote_code:
+        return []
+    return [f"Loaded with `model.trust_remote_code: true`: Python modules shipped in `{config.model.name_or_path}` "
+            "(its config's `auto_map`) were run.", ""]
+
+
 def model_card(config: Config, history: list[dict], data, objective) -> str:
     params = {**{f.name: f.default for f in dataclasses.fields(objective.params)}, **config.objective.params}
     extras = {k: v for k, v in to_dict(config)["objective"].items() if k in ("ld_alpha", "wpo", "mixture") and v}
@@ -37,6 +45,7 @@ def model_card(config: Config, history: list[dict], data, objective) -> str:
         f"# {Path(config.training.output_dir).name}", "",
         f"Trained with [preftune](https://pypi.org/project/preftune/) objective `{objective.name}` "
         f"({objective.paper}) starting from `{config.model.name_or_path}`.", "",
+        *_remote_code_note(config),
         "## Data", "",
         f"- train: `{config.data.train_file}` ({len(data.train)} examples after validation and truncation)",
         f"- held-out: {len(data.eval)} examples"

@@ -153,7 +153,7 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
         save_config(config, run_dir / "config.yaml")
         torch.manual_seed(config.training.seed)
         accelerator = modeling.make_accelerator(config.training.precision)
-        tokenizer = modeling.load_tokenizer(config.model.name_or_path)
+        tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         data = tokenize_splits(config, splits, tokenizer)
         policy = modeling.load_policy(config).to(accelerator.device)
         trainable, total = modeling.count_parameters(policy)

@@ -23,6 +23,8 @@ from ...config import ConfigError, ModelConfig
 from . import Judge, Prompt, check_lengths, render_prompt
 from .templates import PAIRWISE_TEMPLATE, check_template
 
+TRUST_KEY = "judge.model.trust_remote_code"
+
 
 @dataclass
 class ChatModelJudgeConfig:
@@ -45,12 +47,12 @@ class ChatModelJudge(Judge):
         if len(config.answer_tokens) != 2:
             raise ConfigError(f"config key 'judge.answer_tokens': expected two strings, got {config.answer_tokens}")
         self.config = config
-        self.tokenizer = modeling.load_tokenizer(config.model.name_or_path)
+        self.tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code, TRUST_KEY)
         if not self.tokenizer.chat_template:
             raise ConfigError(f"judge.model {config.model.name_or_path} has no chat template; a chat model is needed")
         self.tokenizer.padding_side = "left"  # the answer's logits are then at position -1 of every row
         self.answer_ids = self._answer_ids(config.answer_tokens)
-        self.model = modeling.load_frozen(config.model.name_or_path, config.model)
+        self.model = modeling.load_frozen(config.model.name_or_path, config.model, TRUST_KEY)
 
     def _answer_ids(self, answers: list[str]) -> list[int]:
         # the first token of each answer; the chat template ends with the assistant header, so the reply's

@@ -5,20 +5,25 @@ default) every pair is asked twice with the responses swapped, and the two verdi
 judge that always answers "A" scores 0.5 instead of favouring whichever completion came first.
 ``mode: pointwise`` asks for a number per completion (``compare`` then follows from the scores).
 
-The API key is read from the environment variable named by ``api_key_env``, never from the config file.
-Requests run on ``concurrency`` threads, each with ``timeout_s`` per socket operation, retried as
-``http_client`` describes; replies are cached on disk (``cache_file``). Replies that cannot be parsed and
-requests that fail after every retry return None and are counted in ``summary()``.
+The API key is read from the environment variable named by ``api_key_env``, never from the config file,
+and its value appears in nothing preftune writes or logs (``http_client`` redacts it from what the server
+sends back). Requests run on ``concurrency`` threads, each with ``timeout_s`` per socket operation, retried as
+``http_client`` describes; a response is read up to ``max_response_bytes``; replies are cached on disk
+(``cache_file``). Replies that cannot be parsed and requests that fail after every retry return None and are
+counted in ``summary()``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from ...config import ConfigError
 from . import JudgeError, PointwiseJudge, Prompt, check_lengths, render_prompt
@@ -48,6 +53,7 @@ class HttpJudgeConfig:
     backoff_s: float = 1.0
     max_backoff_s: float = 60.0
     concurrency: int = 8
+    max_response_bytes: int = 1 << 20  # a longer response fails its item (a reply is a few hundred bytes)
     cache_file: str | None = "~/.cache/preftune/judge_replies.sqlite"  # null: no cache
 
 
@@ -57,7 +63,9 @@ def _check(config: HttpJudgeConfig) -> None:
                           "environment variable and name it in judge.api_key_env")
     if not config.model:
         raise ConfigError("config key 'judge.model': the model name to send to the endpoint is not set")
-    for key in ("timeout_s", "max_tokens", "concurrency", "backoff_s", "max_backoff_s"):
+    if urlsplit(config.base_url).scheme not in ("http", "https"):
+        raise ConfigError(f"config key 'judge.base_url': expected an http(s):// address, got {config.base_url!r}")
+    for key in ("timeout_s", "max_tokens", "concurrency", "backoff_s", "max_backoff_s", "max_response_bytes"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"config key 'judge.{key}': must be > 0, got {getattr(config, key)}")
     if config.max_retries < 0:
@@ -75,6 +83,12 @@ def _api_key(config: HttpJudgeConfig) -> str | None:
             f"config key 'judge.api_key_env': the environment variable {config.api_key_env} is not set; export "
             "the key there (or set judge.api_key_env: null for a server without authentication)"
         )
+    if key in json.dumps(dataclasses.asdict(config)):  # the config is saved with runs and reports
+        raise ConfigError(f"config key 'judge': the value of {config.api_key_env} is written in the judge's "
+                          "config; keys do not belong in config files")
+    url = urlsplit(config.base_url)
+    if url.scheme == "http" and url.hostname not in ("localhost", "127.0.0.1", "::1"):
+        log.warning("judge.base_url %s is plain http: the API key crosses the network unencrypted", config.base_url)
     return key
 
 
@@ -89,7 +103,8 @@ class HttpJudge(PointwiseJudge):
         self.template = config.template or (POINTWISE_TEMPLATE if self.pointwise else PAIRWISE_TEMPLATE)
         policy = RetryPolicy(config.max_retries, config.backoff_s, config.max_backoff_s)
         extra = {"sleep": sleep} if sleep else {}
-        self.client = ChatClient(config.base_url, _api_key(config), config.timeout_s, policy, self.count, **extra)
+        self.client = ChatClient(config.base_url, _api_key(config), config.timeout_s, policy, self.count, **extra,
+                                 max_response_bytes=config.max_response_bytes, connections=config.concurrency)
         self.cache = ReplyCache(config.cache_file) if config.cache_file else None
         self._warned: dict[str, int] = {}
 
@@ -167,5 +182,6 @@ class HttpJudge(PointwiseJudge):
         return self.tally(results)
 
     def close(self) -> None:
+        self.client.close()
         if self.cache is not None:
             self.cache.close()

@@ -19,6 +19,8 @@ from ...config import ConfigError
 from ...reward.model import RewardModel, encode, load_reward_tokenizer, pad_batch, render
 from . import PointwiseJudge, Prompt, check_lengths
 
+TRUST_KEY = "judge.trust_remote_code"
+
 
 @dataclass
 class RewardModelJudgeConfig:
@@ -26,6 +28,7 @@ class RewardModelJudgeConfig:
     batch_size: int = 32  # texts per forward pass
     dtype: Literal["float32", "bfloat16"] = "float32"
     include_prompt: bool | None = None  # null: as trained; true scores prompt + completion as one text
+    trust_remote_code: bool = False  # run Python modules the folder ships (auto_map): only for a folder you trust
 
 
 class RewardModelJudge(PointwiseJudge):
@@ -39,13 +42,13 @@ class RewardModelJudge(PointwiseJudge):
             raise ConfigError(f"config key 'judge.batch_size': must be > 0, got {config.batch_size}")
         self.config = config
         try:
-            self.model = RewardModel.load(config.path, config.dtype)
+            self.model = RewardModel.load(config.path, config.dtype, config.trust_remote_code, TRUST_KEY)
         except FileNotFoundError as exc:
             raise ConfigError(f"config key 'judge.path': {exc}") from exc
         if config.include_prompt is not None:
             self.model.meta = dataclasses.replace(self.model.meta, include_prompt=config.include_prompt)
         self.model.to("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = load_reward_tokenizer(config.path)
+        self.tokenizer = load_reward_tokenizer(config.path, config.trust_remote_code, TRUST_KEY)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float | None]:
