@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 
 class ConfigError(ValueError):
@@ -160,69 +164,88 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):  # a section inside a list, e.g. methods[2]
-        return _build(tp, value, f"{key}.")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-    elif origin is list:
-        if isinstance(value, list):
-            return [_coerce(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
-        return value
-    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+# Every config section is a plain dataclass, validated by pydantic in strict JSON mode: the YAML values are
+# what JSON can say (strings, numbers, booleans, null, lists, mappings), so strict mode accepts exactly what a
+# recipe means (an int where a float is asked; never "3" for an int, 1 for a bool) and rejects unknown keys.
+_STRICT = ConfigDict(extra="forbid", strict=True)
 
 
-def _build(cls: type, values: dict, prefix: str) -> Any:
+def _sections(tp: Any):
+    """Every dataclass type reachable from ``tp`` through fields, lists, unions and mappings."""
+    if dataclasses.is_dataclass(tp):
+        yield tp
+        for hint in typing.get_type_hints(tp).values():
+            yield from _sections(hint)
+    else:
+        for arg in typing.get_args(tp):
+            yield from _sections(arg)
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    for section in _sections(cls):
+        if "__pydantic_config__" not in section.__dict__:
+            section.__pydantic_config__ = _STRICT
+    return TypeAdapter(cls)
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _locate(cls: type, raw: Any, loc: tuple, prefix: str) -> tuple[str, Any, Any, type | None, str | None]:
+    """Follow pydantic's error location through the types: (dotted key, its declared type, the value given,
+    the section it sits in, the name of a key that section does not have)."""
+    tp, value, key, section = cls, raw, prefix.rstrip("."), None
+    for part in loc:
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            options = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(options) > 1:  # the rest of the location names a union branch: report the field itself
+                break
+            tp = options[0]
+        if dataclasses.is_dataclass(tp):
+            hints = _field_hints(tp)
+            if part not in hints:
+                return key, tp, value, tp, str(part)
+            section, tp = tp, hints[part]
+            value = value.get(part) if isinstance(value, dict) else None
+            key = f"{key}.{part}" if key else str(part)
+        elif isinstance(part, int):
+            args = typing.get_args(tp)
+            tp = args[0] if args else Any
+            value = value[part] if isinstance(value, list) and part < len(value) else None
+            key = f"{key}[{part}]"
+        else:  # a mapping's value
+            args = typing.get_args(tp)
+            tp = args[1] if len(args) == 2 else Any
+            value = value.get(part) if isinstance(value, dict) else None
+            key = f"{key}.{part}"
+    return key, tp, value, section, None
+
+
+def _message(cls: type, raw: Any, error: dict, prefix: str) -> str:
+    key, tp, value, section, unknown = _locate(cls, raw, error["loc"], prefix)
+    if unknown is not None:
+        names = [f.name for f in dataclasses.fields(tp) if not f.name.startswith("_")]
+        where = f"{key}." if key else ""
+        close = difflib.get_close_matches(unknown, names, n=1)
+        hint = f" (did you mean '{where}{close[0]}'?)" if close else ""
+        return f"unknown config key '{where}{unknown}'{hint}; allowed: {', '.join(names)}"
+    if error["type"] in ("missing_argument", "missing"):
+        return f"config key '{key}' is required"
+    expected = "a mapping" if dataclasses.is_dataclass(tp) else _type_name(tp)
+    return f"config key '{key}': expected {expected}, got {value!r}"
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.')}': expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; allowed: {', '.join(names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
-    return cls(**kwargs)
+    try:
+        return _adapter(cls).validate_json(json.dumps(values, default=str))
+    except ValidationError as exc:
+        messages = list(dict.fromkeys(_message(cls, values, error, prefix) for error in exc.errors()))
+        raise ConfigError("\n  ".join(messages)) from None
 
 
 def build_section(cls: type, values: dict, prefix: str = "") -> Any:
@@ -231,13 +254,28 @@ def build_section(cls: type, values: dict, prefix: str = "") -> Any:
     return _build(cls, values, prefix)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` (an exponent without a dot) as a string; recipes mean a number."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
 def load_yaml(path: str | Path, overrides: list[str] = ()) -> dict:
     """A YAML file as a mapping with dotted overrides applied (values typed as YAML)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -275,7 +313,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        pairs.append((key.strip(), yaml.safe_load(text) if text.strip() else None))
+        pairs.append((key.strip(), parse_yaml(text) if text.strip() else None))
     return pairs
 
 

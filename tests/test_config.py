@@ -61,6 +61,12 @@ def test_overrides_are_typed_and_reach_objective_parameters():
         ({}, ["data.max_prompt_length=600", "data.max_length=512"], r"'data.max_prompt_length' \(600\) must be smaller"),
         ({}, ["training.lr"], r"override 'training.lr' is not of the form dotted.key=value"),
         ({"data": {"eval_file": "x.jsonl", "eval_fraction": 0.1}}, [], r"either 'data.eval_file' or 'data.eval_fraction'"),
+        ({}, ["lora.target_modules=[q_proj, 7]"], r"'lora.target_modules\[1\]': expected a string, got 7"),
+        ({"data": {"columns": {"prompt": 3}}}, [], r"'data.columns.prompt': expected a string, got 3"),
+        ({"training": 3}, [], r"config key 'training': expected a mapping, got 3"),
+        ({}, ["training.batch_size=true"], r"'training.batch_size': expected an integer, got True"),
+        ({}, ["lora.enabled=1"], r"'lora.enabled': expected true or false, got 1"),
+        ({}, ["training.stages=abc"], r"'training.stages': expected an integer or a list of a string or null, got 'abc'"),
     ],
 )
 def test_bad_config_names_the_key_and_what_is_allowed(raw, overrides, message):
@@ -89,3 +95,15 @@ def test_saved_config_round_trips(tmp_path):
     save_config(config, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
     assert again == config
+
+
+def test_every_bad_key_is_reported_at_once_and_exponents_read_as_numbers(tmp_path):
+    """Two unknown keys in one section: both named. YAML 1.1 reads `1e-5` as a string; recipes mean 1e-05."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"training": {"batch_sise": 1, "learnin_rate": 2}})
+    assert "'training.batch_sise' (did you mean 'training.batch_size'?)" in str(info.value)
+    assert "'training.learnin_rate' (did you mean 'training.learning_rate'?)" in str(info.value)
+    path = tmp_path / "r.yaml"
+    path.write_text("training:\n  learning_rate: 1e-5\n  weight_decay: 2E+1\n")
+    config = load_config(path, ["training.adam_epsilon=3e-9"])
+    assert (config.training.learning_rate, config.training.weight_decay, config.training.adam_epsilon) == (1e-5, 20.0, 3e-9)
