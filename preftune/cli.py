@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, ConfigError, describe_options, load_config
+from .config import Config, ConfigError, describe_options, load_config, with_objective
 
 
 def _print_metrics(title: str, metrics: dict | None) -> None:
@@ -28,9 +28,9 @@ def _print_metrics(title: str, metrics: dict | None) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from .training import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)  # the recipe as written, its objective included, is checked
     if args.command == "sft":
-        config.objective.name, config.objective.params = "sft", {}
+        config = with_objective(config, "sft")
     result = train(config, command=args.command)
     if result.interrupted:
         print(f"interrupted at step {result.steps}; a checkpoint is in {result.run_dir / 'checkpoints'} "

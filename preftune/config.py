@@ -429,6 +429,18 @@ def validate(config: Config) -> None:
                           "cannot be precomputed: set reference.precompute=false")
 
 
+def with_objective(config: Config, name: str) -> Config:
+    """``config`` (already checked, its own objective included) training objective ``name`` instead, with that
+    objective's default parameters and the recipe's modifiers, checked again: `preftune sft` on a DPO recipe."""
+    objective = dataclasses.replace(config.objective, name=name, params={})
+    switched = dataclasses.replace(config, objective=objective)
+    try:
+        validate(switched)
+    except ConfigError as exc:
+        raise ConfigError(f"with objective {name!r} instead of the recipe's {config.objective.name!r}: {exc}") from None
+    return switched
+
+
 def to_dict(config: Config) -> dict:
     """Plain nested dict, objective params written flat as in the YAML recipes."""
     raw = dataclasses.asdict(config)

@@ -55,6 +55,20 @@ def test_bad_data_fails_before_any_model_loads(tmp_path, base_config, capsys, mo
     assert "bad.jsonl:1" in err and "bad.jsonl:2" in err and "'chosen'" in err
 
 
+def test_sft_checks_the_recipe_as_written_then_with_its_own_objective(tmp_path, base_config, capsys, monkeypatch):
+    """`preftune sft` on a DPO recipe: a parameter DPO does not take is the recipe's error, not silently dropped;
+    a modifier that needs a rejected completion (WPO) is an error for SFT, before any model loads."""
+    import preftune.modeling as modeling
+
+    monkeypatch.setattr(modeling, "load_policy", lambda *a: pytest.fail("a model was loaded"))
+    path = write_config(tmp_path, base_config)
+    assert main(["sft", str(path), "objective.gamma=1"]) == 2
+    assert "objective 'dpo' does not take parameter(s) gamma" in capsys.readouterr().err
+    assert main(["sft", str(path), "objective.wpo=true"]) == 2
+    err = capsys.readouterr().err
+    assert "with objective 'sft' instead of the recipe's 'dpo'" in err and "'sft' does not compare two completions" in err
+
+
 def test_train_then_eval_the_final_model(tmp_path, base_config, capsys):
     path = write_config(tmp_path, base_config)
     assert main(["train", str(path), "training.max_steps=2"]) == 0

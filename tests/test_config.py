@@ -12,9 +12,12 @@ from preftune.config import ConfigError, config_from_dict, load_config, save_con
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
-def test_there_is_a_recipe_for_every_issue_objective():
+def test_there_is_a_recipe_for_every_objective_and_modifier():
+    from preftune.objectives import OBJECTIVES
+
     names = {p.stem for p in CONFIGS}
-    assert {"dpo", "ipo", "robust", "hinge", "simpo", "cpo", "orpo", "sft", "rpo", "preferred_ft"} <= names
+    assert set(OBJECTIVES) <= names, sorted(set(OBJECTIVES) - names)
+    assert {"cdpo", "rpo", "preferred_ft", "ld_dpo", "wpo", "mpo", "sdpo", "trdpo"} <= names
 
 
 def recipe_command(path: Path) -> str:

@@ -2,7 +2,7 @@
 
 ``python -m preftune.objectives.catalog`` prints the table; ``--write README.md`` replaces the block between
 the markers below in place (or appends the markers and the block when the file has none) and touches nothing
-else. ``tests/test_catalog.py`` fails when the README's block differs from :func:`markdown_table`.
+else. ``tests/objectives/test_catalog.py`` fails when the README's block differs from :func:`markdown_table`.
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ class ObjectivePlan:
             raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if self.rpo_alpha and "pairs" not in shared:
             raise ValueError(f"rpo_alpha adds a chosen-completion NLL to paired objectives; {self.name!r} is not one")
-        if (self.ld_alpha is not None or self.wpo) and "pairs" not in shared:
-            raise ValueError("ld_alpha and wpo modify paired objectives; this objective does not train on pairs")
+        if (self.ld_alpha is not None or self.wpo) and ("pairs" not in shared or not self.uses_rejected):
+            raise ValueError(f"ld_alpha and wpo weigh a chosen against a rejected completion; {self.name!r} does not "
+                             "compare two completions")
 
     # ---- traits: the union over the parts, plus what the modifiers need
     @property

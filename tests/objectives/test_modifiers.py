@@ -102,7 +102,9 @@ def test_mixture_and_modifier_errors_name_the_problem():
         build_plan("dpo", {}, mixture=[{"weight": 1}])
     with pytest.raises(ValueError, match="ld_alpha must be in"):
         build_plan("dpo", {}, ld_alpha=1.5).compute(PairedLogps(**token_pairs()))
-    with pytest.raises(ValueError, match="ld_alpha and wpo modify paired objectives"):
+    with pytest.raises(ValueError, match="ld_alpha and wpo weigh a chosen against a rejected completion; 'kto'"):
         build_plan("kto", {}, wpo=True)
+    with pytest.raises(ValueError, match="'sft' does not compare two completions"):
+        build_plan("sft", {}, ld_alpha=0.5)
     assert build_plan("dpo", {}, ld_alpha=0.5).needs_live_reference
     assert not build_plan("dpo", {}, wpo=True).needs_live_reference  # WPO looks at the policy only

@@ -1,5 +1,5 @@
 """Golden values, second implementations and special cases for NPO, D²O, DRO, Plackett-Luce and
-Unlikelihood (issue 3).
+Unlikelihood.
 
 Expected numbers are ``math`` expressions of the arithmetic written beside them, never torch. Paired golden
 tests use the batch of ``tests/test_objectives.py`` (repeated so this file stands alone):

@@ -1,5 +1,5 @@
 """Golden values, second implementations and state round trips for the objectives with batch statistics:
-KTO, BCO and β-DPO (issue 3).
+KTO, BCO and β-DPO.
 
 Expected numbers are ``math`` expressions of the arithmetic written beside them, never torch. Paired golden
 tests use the batch of ``tests/test_objectives.py`` (repeated so this file stands alone):

@@ -1,4 +1,4 @@
-"""Golden values and second implementations for the DPO variants (issue 3).
+"""Golden values and second implementations for the DPO variants.
 
 Expected numbers are computed with ``math`` from the papers' formulas, never with torch. Golden tests use the
 batch of ``tests/test_objectives.py`` (repeated here so this file stands alone):

@@ -112,6 +112,33 @@ def test_sdpo_stages_chain_policy_and_reference(base_config, tmp_path):
     assert "sDPO stage 2/2: policy and reference start from" in log_text
 
 
+def test_sdpo_stages_given_as_files_train_one_run_per_file(base_config, pairs_file, tmp_path):
+    """`training.stages: [a.jsonl, b.jsonl]`: stage t trains on file t (split by the recipe's eval_fraction, 25%
+    of 12 rows = 3 held out, 9 trained), stage 2 starts from stage 1's final model; a bad row in the second file
+    fails before any model loads, naming it."""
+    import json
+
+    rows = pairs_file.read_text().splitlines()
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join(rows[:12]) + "\n")
+    second.write_text("\n".join(rows[12:]) + "\n")
+    raw = copy.deepcopy(base_config)
+    raw["training"].update(stages=[str(first), str(second)], max_steps=1, save_steps=None, eval_before_training=False)
+    result = run(raw)
+    root = tmp_path / "run"
+    assert result.run_dir == root / "stage-2"
+    stage2 = config_from_dict(__import__("yaml").safe_load((root / "stage-2" / "config.yaml").read_text()))
+    assert (stage2.data.train_file, stage2.model.name_or_path) == (str(second), str(root / "stage-1" / "final"))
+    card = (root / "stage-1" / "final" / "README.md").read_text()
+    assert "(9 examples after validation and truncation)" in card and "held-out: 3 examples" in card
+    second.write_text(rows[12] + "\n" + json.dumps({"prompt": "x", "chosen": "", "rejected": "y"}) + "\n")
+    from preftune.data import DataValidationError
+
+    with pytest.raises(DataValidationError, match=r"b.jsonl:2: field 'chosen'"):
+        run(raw, f"training.output_dir={tmp_path / 'again'}")
+    assert not (tmp_path / "again" / "stage-1").exists()
+
+
 def test_sdpo_rerun_skips_finished_stages(base_config, tmp_path):
     raw = copy.deepcopy(base_config)
     raw["training"].update(stages=2, max_steps=1, save_steps=None, eval_before_training=False)

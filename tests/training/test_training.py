@@ -165,7 +165,12 @@ def test_lora_adapter_off_reference_equals_frozen_copy(base_config, tiny_model_d
     assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
     from peft import AutoPeftModelForCausalLM
 
-    assert AutoPeftModelForCausalLM.from_pretrained(final) is not None
+    # the exported adapter holds exactly the weights the last step trained
+    loaded = {n: p for n, p in AutoPeftModelForCausalLM.from_pretrained(final).named_parameters() if "lora_" in n}
+    checkpoint = load_file(str(adapter_off.run_dir / "checkpoints" / "step-00000003" / "trainable.safetensors"))
+    trained = {name.removeprefix("model."): tensor for name, tensor in checkpoint.items()}  # the log-prob wrapper's
+    assert sorted(loaded) == sorted(trained) and len(trained) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    assert all(torch.equal(loaded[name].detach(), tensor) for name, tensor in trained.items())
 
 
 def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(base_config, monkeypatch):

@@ -30,7 +30,7 @@ from ...config import ConfigError, build_section
 
 Prompt = str | list[dict[str, str]]  # text, or a list of {role, content} messages
 
-# type -> "module:Class"; reward_model.py is written with `preftune reward` (it may be absent)
+# type -> "module:Class", imported only when that kind of judge is used (a chat or reward model pulls in torch)
 JUDGES: dict[str, str] = {
     "function": "preftune.feedback.judges.function:FunctionJudge",
     "reward_model": "preftune.feedback.judges.reward_model:RewardModelJudge",

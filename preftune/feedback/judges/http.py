@@ -42,7 +42,7 @@ class HttpJudgeConfig:
     api_key_env: str | None = "OPENAI_API_KEY"  # null: send no key (a local server)
     api_key: str | None = None  # refused: keys do not belong in config files (they end up in run folders)
     mode: Literal["pairwise", "pointwise"] = "pairwise"
-    template: str | None = None  # null: the default of the mode (preftune/judges/templates.py)
+    template: str | None = None  # null: the default of the mode (feedback/judges/templates.py)
     system: str | None = None  # an optional system message
     both_orders: bool = True  # pairwise: ask A/B and B/A, average the verdicts
     temperature: float = 0.0
