@@ -114,6 +114,23 @@ def _to_pairs(examples: list, split: str, path: str, mode: str) -> tuple[list, s
     return pairs, line
 
 
+def _check_one_format(examples: list[Example], data: DataConfig) -> None:
+    """Text rows and conversations in one dataset would train on two prompt formats (only conversations go
+    through the chat template): an error naming the first row of the other kind and the two ways out."""
+    if data.chat_template is not None or not examples:  # true: every row is rendered as a conversation
+        return
+    first = examples[0]
+    chat = isinstance(first.prompt, list)
+    other = next((e for e in examples if isinstance(e.prompt, list) != chat), None)
+    if other is not None:
+        kinds = ("conversation (messages)", "text") if chat else ("text", "conversation (messages)")
+        raise DataValidationError(
+            f"{other.source}: a {kinds[1]} row, but the first row ({first.source}) is a {kinds[0]}: conversations "
+            "are rendered with the chat template and text rows are not, so the model would train on two prompt "
+            "formats; give every row the same form, or set data.chat_template: true to render text rows as "
+            "conversations too")
+
+
 def load_examples(data: DataConfig, shape: str | tuple[str, ...], seed: int = 0, report_dir: Path | None = None,
                   objective: str | None = None) -> DataSplits:
     """Read and validate ``data.train_file`` (and ``data.eval_file`` or an ``eval_fraction`` split).
@@ -141,6 +158,7 @@ def load_examples(data: DataConfig, shape: str | tuple[str, ...], seed: int = 0,
         if not examples:
             where = f"; see {report_path}" if report_path else ""
             raise DataValidationError(f"{path}: no valid rows ({len(file_bad)} invalid rows skipped{where})")
+    _check_one_format([e for _, examples, _, _ in results for e in examples], data)
     train = results[0][1]
     evaluation = results[1][1] if data.eval_file else []
     if not data.eval_file and data.eval_fraction > 0:

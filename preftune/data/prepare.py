@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_jsonl
 from ..config import Config
 from .load import DataSplits, load_examples
 from .tokenize import tokenize_examples
@@ -34,13 +35,20 @@ def read_splits(config: Config, objective, run_dir: Path | None, shapes: tuple[s
     return splits
 
 
-def tokenize_splits(config: Config, splits: DataSplits, tokenizer) -> TokenizedSplits:
+def tokenize_splits(config: Config, splits: DataSplits, tokenizer, report_dir: Path | None = None) -> TokenizedSplits:
+    """Both splits tokenized; every example truncation cut or dropped is named in the log and, with a
+    ``report_dir``, listed in ``report_dir/truncated_rows.jsonl``."""
     train, train_summary = tokenize_examples(splits.train, tokenizer, config.data)
     summaries = list(splits.summaries) + [f"train: {train_summary.describe()}"]
+    report = [{"split": "train", **row} for row in train_summary.report_rows()]
     held_out: list[TokenizedExample] = []
     if splits.eval:
         held_out, eval_summary = tokenize_examples(splits.eval, tokenizer, config.data)
-        summaries.append(f"eval: {eval_summary.describe()}")
+        summaries.append(f"held-out: {eval_summary.describe()}")
+        report += [{"split": "eval", **row} for row in eval_summary.report_rows()]
     for line in summaries:
         log.info("%s", line)
+    if report and report_dir is not None:
+        write_jsonl(Path(report_dir) / "truncated_rows.jsonl", report)
+        log.info("truncated or dropped examples are listed in %s", Path(report_dir) / "truncated_rows.jsonl")
     return TokenizedSplits(train, held_out, summaries)

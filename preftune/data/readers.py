@@ -28,10 +28,16 @@ class SourcedRow:
 
 
 def _read_text(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        return path.read_bytes().decode("utf-8-sig")  # -sig: spreadsheet exports start with a BOM
+        return data.decode("utf-8-sig")  # -sig: spreadsheet exports start with a BOM
     except UnicodeDecodeError as exc:
-        raise DataValidationError(f"{path}: not UTF-8 text ({exc})") from exc
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataValidationError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column} cannot be decoded); "
+            "save the file as UTF-8"
+        ) from exc
 
 
 def _jsonl_rows(name: str, text: str) -> list[SourcedRow]:
@@ -137,7 +143,9 @@ def read_rows(path: str | Path, role: str = "train") -> list[SourcedRow]:
     """Every row of a data file with its source; ``role`` ("train"/"eval") picks a DatasetDict's split."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataValidationError(f"{path}: no such file or folder (supported data: {SUPPORTED})")
+        where = "" if path.is_absolute() else f"; looked for {path.absolute()} (a recipe's relative paths are tried " \
+                                              "in the working directory, then beside the recipe)"
+        raise DataValidationError(f"{path}: no such file or folder{where} (supported data: {SUPPORTED})")
     if path.is_dir():
         rows = _read_saved_dataset(path, role)
     elif path.suffix.lower() in _READERS:

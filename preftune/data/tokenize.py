@@ -50,6 +50,8 @@ def tokenize_examples(examples: list, tokenizer, data: DataConfig) -> tuple[list
         prompt, completions, prompt_cut, cut = result
         summary.prompts_truncated += prompt_cut
         summary.completions_truncated += cut
+        if prompt_cut or cut:
+            summary.cut.append((example.source, prompt_cut, cut))
         tokenized.append(TokenizedExample(index, prompt, completions, slot_label(example), slot_scores(example)))
     if summary.dropped and data.strict_truncation:
         raise _strict_error(summary, data)

@@ -3,7 +3,7 @@ and an example that would lose a whole completion is dropped (named) rather than
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import DataConfig
 
@@ -24,23 +24,34 @@ class TruncationSummary:
     dropped: list[str]  # sources of dropped examples
     unit: str = "pair"  # "pair", "ranked list" or "example": the word describe() counts in
     max_prompt_length: int | None = None
+    # every example that was cut: (source, prompt cut, completions cut); dropped ones are in ``dropped``
+    cut: list[tuple[str, bool, int]] = field(default_factory=list)
+
+    def report_rows(self) -> list[dict]:
+        """One row per example truncation changed, for the run's ``truncated_rows.jsonl``."""
+        rows = [{"source": s, "prompt_truncated": p, "completions_truncated": c, "dropped": False} for s, p, c in self.cut]
+        return rows + [{"source": s, "dropped": True, "why": "a completion would be empty"} for s in self.dropped]
 
     def describe(self) -> str:
         """One line for the log, e.g. "tokenized 1000 pairs: 12 prompts truncated to 512 tokens (kept
         their end), 30 completions truncated (kept their start), 2 pairs dropped because ..."."""
         parts = []
         if self.prompts_truncated:
-            parts.append(
-                f"{count(self.prompts_truncated, 'prompt')} truncated to {self.max_prompt_length} tokens (kept their end)"
-            )
+            rows = _named([s for s, prompt, _ in self.cut if prompt])
+            parts.append(f"{count(self.prompts_truncated, 'prompt')} truncated to {self.max_prompt_length} tokens "
+                         f"(kept their end: {rows})")
         if self.completions_truncated:
-            parts.append(f"{count(self.completions_truncated, 'completion')} truncated (kept their start)")
+            rows = _named([s for s, _, completions in self.cut if completions])
+            parts.append(f"{count(self.completions_truncated, 'completion')} truncated (kept their start: {rows})")
         if self.dropped:
-            names = ", ".join(self.dropped[: _SOURCES_SHOWN])
-            if len(self.dropped) > _SOURCES_SHOWN:
-                names += f" and {len(self.dropped) - _SOURCES_SHOWN} more"
-            parts.append(f"{count(len(self.dropped), self.unit)} dropped because a completion would be empty: {names}")
+            parts.append(f"{count(len(self.dropped), self.unit)} dropped because a completion would be empty: "
+                         f"{_named(self.dropped)}")
         return f"tokenized {count(self.examples, self.unit)}: " + (", ".join(parts) or "nothing truncated")
+
+
+def _named(sources: list[str]) -> str:
+    names = ", ".join(sources[:_SOURCES_SHOWN])
+    return names + (f" and {len(sources) - _SOURCES_SHOWN} more" if len(sources) > _SOURCES_SHOWN else "")
 
 
 def truncate(prompt: list[int], completions: list[list[int]], has_bos: bool, data: DataConfig):

@@ -154,7 +154,7 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
         torch.manual_seed(config.training.seed)
         accelerator = modeling.make_accelerator(config.training.precision)
         tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
-        data = tokenize_splits(config, splits, tokenizer)
+        data = tokenize_splits(config, splits, tokenizer, run_dir)
         policy = modeling.load_policy(config).to(accelerator.device)
         trainable, total = modeling.count_parameters(policy)
         log.info("policy: %s, %d of %d parameters trainable", config.model.name_or_path, trainable, total)

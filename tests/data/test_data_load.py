@@ -133,11 +133,31 @@ def test_missing_file_and_unknown_extension_name_path_and_formats(tmp_path):
         load(tmp_path / "train.txt")
 
 
-def test_not_utf8(tmp_path):
+def test_not_utf8_names_the_line_and_column(tmp_path):
+    """Latin-1 'é' (0xe9) on line 3, after '{"prompt": "caf' (15 characters): column 16."""
     path = tmp_path / "train.jsonl"
-    path.write_bytes(b'{"prompt": "caf\xe9"}\n')
-    with pytest.raises(DataValidationError, match="train.jsonl: not UTF-8 text"):
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataValidationError, match=r"train.jsonl:3: not UTF-8 text \(byte 0xe9 at column 16"):
         read_rows(path)
+
+
+def test_a_missing_relative_file_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataValidationError, match=rf"nope.jsonl: no such file or folder; looked for {tmp_path}/nope.jsonl"):
+        read_rows("nope.jsonl")
+
+
+def test_text_and_conversational_rows_in_one_file_are_an_error_naming_the_first_other_row(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d"},
+            {"prompt": [{"role": "user", "content": "r"}], "chosen": [{"role": "assistant", "content": "e"}],
+             "rejected": [{"role": "assistant", "content": "f"}]}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataValidationError, match=r"mixed.jsonl:3: a conversation \(messages\) row, but the first row "
+                                                  r"\(mixed.jsonl:1\) is a text"):
+        load_examples(DataConfig(train_file=str(path)), "pairs")
+    both = load_examples(DataConfig(train_file=str(path), chat_template=True), "pairs").train
+    assert all(isinstance(e.prompt, list) for e in both)  # rendered as conversations, every row alike
 
 
 def test_eval_fraction_split_is_deterministic_disjoint_and_keeps_file_order(tmp_path):

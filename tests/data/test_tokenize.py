@@ -248,8 +248,11 @@ def test_prompt_keeps_bos_and_its_end_completion_keeps_its_start():
     assert tokenized == [TokenizedExample(0, [0, 14, 15], [[21, 22, 23], [31, 1]])]
     assert (summary.examples, summary.prompts_truncated, summary.completions_truncated, summary.dropped) == (1, 1, 1, [])
     assert summary.describe() == (
-        "tokenized 1 pair: 1 prompt truncated to 3 tokens (kept their end), 1 completion truncated (kept their start)"
+        "tokenized 1 pair: 1 prompt truncated to 3 tokens (kept their end: f:1), "
+        "1 completion truncated (kept their start: f:1)"
     )
+    assert summary.report_rows() == [{"source": "f:1", "prompt_truncated": True, "completions_truncated": 1,
+                                      "dropped": False}]
 
 
 def test_prompt_without_bos_keeps_its_last_tokens():
@@ -283,7 +286,7 @@ def test_pairs_without_room_are_dropped_and_named_and_indices_stay_stable():
     ]
     assert summary.dropped == ["f:2", "f:3"]
     assert summary.describe() == (
-        "tokenized 4 pairs: 1 completion truncated (kept their start), "
+        "tokenized 4 pairs: 1 completion truncated (kept their start: f:4), "
         "2 pairs dropped because a completion would be empty: f:2, f:3"
     )
 
@@ -301,7 +304,7 @@ def test_completions_shape():
     examples = [CompletionExample("f:1", "p1 p2 p3", "c1 c2 c3"), CompletionExample("f:2", "p1", "c1")]
     tokenized, summary = tokenize_examples(examples, word_tokenizer(), DataConfig(max_length=6, max_prompt_length=2))
     assert tokenized == [TokenizedExample(0, [0, 13], [[21, 22, 23, 1]]), TokenizedExample(1, [0, 11], [[21, 1]])]
-    assert summary.describe() == "tokenized 2 examples: 1 prompt truncated to 2 tokens (kept their end)"
+    assert summary.describe() == "tokenized 2 examples: 1 prompt truncated to 2 tokens (kept their end: f:1)"
 
 
 # ------------------------------------------------------------------ content hash

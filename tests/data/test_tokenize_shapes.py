@@ -66,7 +66,7 @@ def test_every_completion_of_a_list_is_truncated_and_a_list_without_room_is_drop
     tokenized, summary = tokenize_examples(lists, words, DataConfig(max_length=5, max_prompt_length=None))
     assert tokenized == [TokenizedExample(0, [0, 11], [[21, 22, 23], [24, 1]], scores=[2.0, 1.0])]
     assert summary.describe() == (
-        "tokenized 2 ranked lists: 1 completion truncated (kept their start), 1 ranked list dropped because a "
+        "tokenized 2 ranked lists: 1 completion truncated (kept their start: f:1), 1 ranked list dropped because a "
         "completion would be empty: f:2"
     )
     strict = DataConfig(max_length=5, max_prompt_length=None, strict_truncation=True)

@@ -1,4 +1,2 @@
-"""Evaluation arithmetic, one concept per file: win rates with bootstrap intervals (``winrate``), sequence KL
-from samples (``kl``), response lengths (``lengths``), rank correlation (``spearman``) and the SimPO
-likelihood–length analysis of held-out pairs (``likelihood_length``). ``preftune winrate`` and
-``preftune eval`` call them."""
+"""Evaluation arithmetic, one concept per file: win rates with bootstrap intervals, sequence KL from samples,
+response lengths, rank correlation, and the SimPO likelihood–length analysis of held-out pairs."""

@@ -1,0 +1,96 @@
+"""The package's shape: no import cycles (function-level imports included), each folder says in its
+``__init__`` what lives there, and the few layering rules DESIGN.md names hold."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
+
+
+def modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package (a package is its __init__)."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Modules of the package that ``name`` imports anywhere in its file, relative imports resolved; ``from X
+    import y`` counts as importing X.y when that is a module, else X."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(parent + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    return {m for m in found if m in known and m != name}
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(name, path, known) for name, path in known.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles():
+    assert find_cycle(graph()) is None, " -> ".join(find_cycle(graph()))
+
+
+def test_every_folder_says_what_lives_there():
+    for init in PACKAGE.rglob("__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+        summary = (doc or "").split("\n\n")[0]
+        assert summary and len(summary) < 300, f"{init.relative_to(PACKAGE.parent)}: a docstring opening with a line or two"
+
+
+def test_layers():
+    """Objectives see only each other (and torch); data never reaches into training or above; nothing in
+    the library imports the experiments (the command line and the test helpers may)."""
+    edges = graph()
+    for name, targets in edges.items():
+        if name.startswith("preftune.objectives"):
+            assert all(t.startswith("preftune.objectives") for t in targets), (name, targets)
+        if name.startswith("preftune.data"):
+            above = ("preftune.training", "preftune.feedback", "preftune.evaluation", "preftune.reward",
+                     "preftune.experiments")
+            assert not [t for t in targets if t.startswith(above)], (name, targets)
+        if not name.startswith(("preftune.experiments", "preftune.cli", "preftune.testing")):
+            assert not [t for t in targets if t.startswith("preftune.experiments")], (name, targets)
