@@ -244,6 +244,7 @@ def evaluate_generations(config: WinrateConfig, judge: Judge | None = None) -> d
     if config.kl.reference:
         report["kl"] = _kl_section(config, model)
     if judge is not None:
+        judge.check_usable(f"there is no win rate or reward to report for {model.path}")
         report["judge"] = judge.summary()
     out = Path(config.output_file)
     out.parent.mkdir(parents=True, exist_ok=True)

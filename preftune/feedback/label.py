@@ -14,13 +14,13 @@ probability of beating the others. Repeated completions are judged once, blank o
 Two scores within ``min_margin`` of each other are a tie: the pair is skipped and counted; a prompt whose
 completions all tie gives no pair and is counted. Text prompts give text rows, message prompts
 conversational ones (each completion as a one-message assistant turn), as the training data loader wants. Pairs carry ``score_chosen`` and
-``score_rejected`` too. A summary is printed and written beside the output as ``label_summary.json``.
+``score_rejected`` too. A summary is printed and written beside the output, named after it (``pairs.jsonl`` ->
+``pairs.summary.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 from collections import Counter
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..atomic import write_jsonl
+from ..atomic import write_json, write_jsonl
 from ..config import ConfigError, beside, load_section
 from ..data import DataValidationError, read_rows
 from ..data.fields import Fields, read_content
@@ -194,8 +194,13 @@ def label_rows(config: LabelConfig, gen: Generation, texts: list[str], scores: l
     return _pairs(config, gen.prompt, scored, rng, counts)
 
 
+def summary_path(output: Path) -> Path:
+    """The summary beside an output file, named after it, so that two outputs in one folder keep theirs."""
+    return output.with_name(f"{output.name.split('.')[0]}.summary.json")
+
+
 def label(config: LabelConfig, judge: Judge | None = None) -> dict:
-    """Label the generations file; returns the summary (also written to ``label_summary.json``)."""
+    """Label the generations file; returns the summary (also written beside the output, see ``summary_path``)."""
     from tqdm.auto import tqdm
 
     generations = read_generations(config.input_file)
@@ -216,12 +221,17 @@ def label(config: LabelConfig, judge: Judge | None = None) -> dict:
         bar.close()
         if own_judge:
             judge.close()
+    if not rows:
+        judge.check_usable(f"no rows were written to {config.output_file}")
+        counted = ", ".join(f"{k}: {v}" for k, v in counts.items() if v) or "nothing scored"
+        raise ValueError(f"{config.input_file}: labelling gave no {config.format} rows to write ({counted}); "
+                         f"nothing was written to {config.output_file}")
     output = Path(config.output_file)
     write_jsonl(output, rows)
     summary = {"input_file": str(config.input_file), "output_file": str(output), "format": config.format,
                "prompts": len(generations), "completions": sum(len(g.completions) for g in generations),
                "rows_written": len(rows), **dict(counts), "judge": judge.summary()}
-    (output.parent / "label_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(summary_path(output), summary)
     return summary
 
 
@@ -241,5 +251,5 @@ def command(args: argparse.Namespace) -> int:
     with judge:
         summary = label(config, judge)
     print(format_summary(summary))
-    print(f"summary: {Path(summary['output_file']).parent / 'label_summary.json'}")
+    print(f"summary: {summary_path(Path(summary['output_file']))}")
     return 0

@@ -173,3 +173,21 @@ def test_winrate_command_and_config_errors(tmp_path):
         load_winrate_config(recipe, ["judge={}"])
     with pytest.raises(ConfigError, match="'bootstrap.samples'"):
         load_winrate_config(recipe, ["bootstrap.samples=0"])
+
+
+def not_a_score(completion):
+    return "n/a"
+
+
+def test_a_judge_with_no_usable_verdict_fails_winrate(tmp_path, capsys):
+    """Both files judged by a function that never returns a number: 4 completions, all unparsable: exit 1."""
+    model = write_generations(tmp_path / "model.jsonl", [("Q:", ["aa", "b"])])
+    baseline = write_generations(tmp_path / "base.jsonl", [("Q:", ["c", "dd"])])
+    recipe = tmp_path / "winrate.yaml"
+    recipe.write_text(yaml.safe_dump({"model_file": str(model), "baseline_file": str(baseline),
+                                      "output_file": str(tmp_path / "report.json"), "progress_bar": False,
+                                      "judge": {"type": "function", "function": f"{__name__}:not_a_score"}}))
+    assert main(["winrate", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert "no usable result for any of the 4 items" in err and "first unparsable: \"'n/a'\"" in err
+    assert not (tmp_path / "report.json").exists()

@@ -327,7 +327,7 @@ def test_the_api_key_appears_in_nothing_written_printed_or_logged(server, tmp_pa
              "output_file": str(tmp_path / "labelled" / "pairs.jsonl"),
              "judge": _secret_judge(server, tmp_path, mode="pointwise", template=POINTWISE)}
     code, out = _cli(capsys, "label", tmp_path / "label.yaml", label)
-    summary = json.loads((tmp_path / "labelled" / "label_summary.json").read_text())["judge"]
+    summary = json.loads((tmp_path / "labelled" / "pairs.summary.json").read_text())["judge"]
     assert code == 0 and summary["too_large"] == 4 and summary["unparsable"] == 2 and summary["failed"] == 10
     outputs.append(out)
     label["input_file"] = _generations(tmp_path / "gen401.jsonl", ["echo401"], ["aa", "b"])

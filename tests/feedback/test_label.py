@@ -34,7 +34,7 @@ def run(tmp_path: Path, rows: list[tuple], judge: Judge | None = None, **values)
     config = LabelConfig(input_file=str(source), output_file=str(out), progress_bar=False, chunk_size=2,
                          judge={"type": "function", "function": f"{__name__}:length"}, **values)
     summary = label(config, judge)
-    assert json.loads((out.parent / "label_summary.json").read_text()) == summary
+    assert json.loads((out.parent / "out.summary.json").read_text()) == summary
     return [json.loads(line) for line in out.read_text().splitlines()], summary
 
 
@@ -121,6 +121,28 @@ def test_unparsable_judgements_are_counted_not_dropped_silently(tmp_path):
     assert summary["judge"] == {"judged": 5, "no_result": 2, "unparsable": 2}
 
 
+def not_a_score(completion):
+    return "n/a"
+
+
+def test_a_judge_with_nothing_usable_fails_the_command_with_counts_and_an_example(tmp_path, capsys):
+    """Every judgement unparsable: no rows, exit code 1, and the message says how many and shows one. Ties
+    everywhere (a usable judge, nothing to pair): exit code 2 naming the counts; nothing written either way."""
+    source = write_generations(tmp_path / "generations.jsonl", [("Q:", ["aa", "b"]), ("R:", ["cc", "d"])])
+    path = tmp_path / "label.yaml"
+    out = tmp_path / "pairs.jsonl"
+    path.write_text(yaml.safe_dump({"input_file": str(source), "output_file": str(out), "progress_bar": False,
+                                    "judge": {"type": "function", "function": f"{__name__}:not_a_score"}}))
+    assert main(["label", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "no usable result for any of the 4 items" in err and "4 unparsable" in err and "first unparsable: \"'n/a'\"" in err
+    assert not out.exists()
+    tied = write_generations(tmp_path / "tied.jsonl", [("Q:", ["aa", "bb"])])
+    assert main(["label", str(path), f"input_file={tied}", f"judge.function={__name__}:length"]) == 2
+    assert "labelling gave no best_vs_worst rows to write (all_tied_prompts: 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 class LongerWins(Judge):
     """A pairwise judge: P(first better) = 1 if longer, 0 if shorter, 0.5 if as long."""
 
@@ -147,7 +169,7 @@ def test_cli_label_prints_the_summary_and_the_recipe_checks(tmp_path, capsys):
                                     "progress_bar": False, "judge": {"type": "function", "function": f"{__name__}:length"}}))
     assert main(["label", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "1 rows (best_vs_worst) from 1 prompts" in out and "tied_pairs" in out and "label_summary.json" in out
+    assert "1 rows (best_vs_worst) from 1 prompts" in out and "tied_pairs" in out and "pairs.summary.json" in out
     assert json.loads((tmp_path / "pairs.jsonl").read_text())["chosen"] == "ccc"
     assert main(["label", str(path), "format=best_vs_wrst"]) == 2
     assert "'format': expected one of 'best_vs_worst'" in capsys.readouterr().err

@@ -43,6 +43,10 @@ class JudgeError(RuntimeError):
     """A judge cannot work at all (a rejected API key, a missing model): stop, do not count and go on."""
 
 
+class NoUsableJudgements(JudgeError):
+    """Every judgement came back unusable: there is nothing to write, and exit code 0 would hide it."""
+
+
 class Judge(ABC):
     """Pairwise interface; see the module docstring for what the numbers mean."""
 
@@ -50,15 +54,33 @@ class Judge(ABC):
 
     def __init__(self) -> None:
         self._counts: Counter[str] = Counter()
+        self._examples: dict[str, str] = {}  # the first item of each kind of failure, to show the user
         self._lock = threading.Lock()  # the HTTP judge counts from worker threads
 
     @abstractmethod
     def compare(self, prompts: Sequence[Prompt], firsts: Sequence[str], seconds: Sequence[str]) -> list[float | None]:
         """P(first is better) per item, in [0, 1], or None."""
 
-    def count(self, key: str, n: int = 1) -> None:
+    def count(self, key: str, n: int = 1, example: str | None = None) -> None:
+        """Add ``n`` to counter ``key``; ``example`` (what was not usable) is kept for the first one."""
         with self._lock:
             self._counts[key] += n
+            if example is not None:
+                self._examples.setdefault(key, example[:200])
+
+    def examples(self) -> dict[str, str]:
+        """The first unusable item of each kind (``unparsable``: the reply or value; ``failed``: the error)."""
+        with self._lock:
+            return dict(self._examples)
+
+    def check_usable(self, what: str) -> None:
+        """Raise ``NoUsableJudgements`` when every item the judge was asked about got no result."""
+        counts = self.summary()
+        if counts.get("judged") and counts.get("no_result") == counts["judged"]:
+            why = ", ".join(f"{counts[k]} {k}" for k in ("unparsable", "failed", "too_large") if counts.get(k))
+            shown = "; ".join(f"first {k}: {v!r}" for k, v in self.examples().items())
+            raise NoUsableJudgements(f"the judge gave no usable result for any of the {counts['judged']} items, "
+                                     f"so {what} ({why or 'no result'}{'; ' + shown if shown else ''})")
 
     def tally(self, results: list[float | None]) -> list[float | None]:
         """Count the items answered (``judged``) and those without a result (``no_result``)."""
@@ -162,6 +184,7 @@ __all__ = [
     "JUDGES",
     "Judge",
     "JudgeError",
+    "NoUsableJudgements",
     "PointwiseJudge",
     "Prompt",
     "build_judge",

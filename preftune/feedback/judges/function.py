@@ -111,7 +111,7 @@ class FunctionJudge(PointwiseJudge):
             if not self.summary().get("unparsable"):  # once: the rest are counted, not logged
                 log.warning("judge function %s returned %r, not a number; counted as unparsable",
                             self.config.function, value)
-            self.count("unparsable")
+            self.count("unparsable", example=repr(value))
             return None
         return score
 

@@ -131,7 +131,7 @@ class HttpJudge(PointwiseJudge):
         try:
             reply = self.client.complete(body)
         except RequestFailed as exc:
-            self.count("failed")
+            self.count("failed", example=str(exc))
             self._warn("failed", "judge request failed: %s", exc)
             return None
         if self.cache is not None:
@@ -149,7 +149,7 @@ class HttpJudge(PointwiseJudge):
         for reply in replies:
             value = None if reply is None else parse(reply)
             if reply is not None and value is None:
-                self.count("unparsable")
+                self.count("unparsable", example=reply)
                 self._warn("unparsable", "unparsable judge reply: %r", reply[:200])
             values.append(value)
         return values
