@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -28,6 +30,7 @@ from torch import Tensor
 from .. import modeling
 from ..atomic import write_json
 from ..config import ConfigError, LoopConfig, LoraConfig, beside, load_section, validate_loop
+from ..training.fingerprint import model_identity, settings
 from ..training.loop import Loop, run_log
 from ..training.metrics import MeanAccumulator
 from .data import (
@@ -227,6 +230,12 @@ class RewardTask:
 
     def restore_state(self, state: dict, tensors: dict[str, Tensor]) -> None:
         return None
+
+    def fingerprint(self) -> dict:
+        data = hashlib.sha256(json.dumps([self.texts.ids, [(g.texts, g.scores) for g in self.train + self.held_out]])
+                              .encode()).hexdigest()
+        return {"settings": settings(dataclasses.asdict(self.config)), "data": data,
+                "model": model_identity(resolve_backbone(self.config.model.name_or_path))}
 
     def export(self, module: RewardModel, history: list[dict]) -> Path:
         """``final/``, written under a temporary name and renamed into place; LoRA adapters merged."""

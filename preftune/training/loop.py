@@ -26,6 +26,7 @@ from transformers import get_scheduler
 
 from ..config import LoopConfig
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .fingerprint import check_same_run
 from .metrics import MeanAccumulator, MetricsWriter, finite, read_metrics
 from .schedule import BatchSchedule
 
@@ -68,6 +69,8 @@ class Task(Protocol):
     def evaluate(self, module) -> dict[str, float] | None: ...
     def after_step(self, module, done: int, stats: MeanAccumulator) -> None: ...
     def checkpoint_state(self) -> tuple[dict, dict[str, torch.Tensor]]: ...
+    def fingerprint(self) -> dict:
+        """``{"settings": dotted config without output-only keys, "data": ..., "model": ...}`` (see fingerprint.py)."""
     def restore_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None: ...
     def export(self, module, history: list[dict]) -> Path: ...
 
@@ -149,7 +152,8 @@ class Loop:
 
     def _save(self, step: int) -> Path:
         extra, tensors = self.task.checkpoint_state()
-        state = {"epoch": self.schedule.epoch_of(step), "total_steps": self.total_steps, **extra}
+        state = {"epoch": self.schedule.epoch_of(step), "total_steps": self.total_steps, **extra,
+                 "fingerprint": self.fingerprint, "logging_window": self.stats.state()}
         path = save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.module), self.optimizer,
                                self.scheduler, state, self.config.save_total_limit, tensors=tensors)
         log.info("checkpoint written: %s", path)
@@ -159,7 +163,11 @@ class Loop:
         """Restore weights, optimizer, scheduler, RNG and the task's own state; returns the step."""
         restored = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.module), self.optimizer,
                                    self.scheduler)
+        for change in check_same_run(restored.get("fingerprint"), self.fingerprint, checkpoint):
+            log.warning("resuming with another run length (%s): the learning-rate schedule follows the new one",
+                        change)
         self.task.restore_state(restored, restored["tensors"])
+        self.stats = MeanAccumulator.from_state(restored.get("logging_window"))
         log.info("resumed from %s at step %d of %d", checkpoint, restored["step"], self.total_steps)
         return restored["step"]
 
@@ -168,6 +176,7 @@ class Loop:
 
     def fit(self) -> TrainResult:
         t = self.config
+        self.fingerprint, self.stats = self.task.fingerprint(), MeanAccumulator()
         resume_from = self._resume_point()
         start = self._resume(resume_from) if resume_from is not None else 0
         writer = MetricsWriter(self.run_dir, start if resume_from else None, t.tensorboard)
@@ -177,11 +186,12 @@ class Loop:
             if eval_before:
                 writer.write({"step": 0, **eval_before})
         self.module.train()
-        stats, interrupted, tokens, seconds, done = MeanAccumulator(), False, 0, 0.0, start
+        interrupted, tokens, seconds, done = False, 0, 0.0, start
         bar = self.progress(range(start, self.total_steps), self.total_steps - start, "training")
         with StopRequest() as stop:
             for step in bar:
                 began = time.perf_counter()
+                stats = self.stats
                 step_tokens = self._optimizer_step(step, stats)
                 elapsed = time.perf_counter() - began
                 tokens, seconds = tokens + step_tokens, seconds + elapsed
@@ -193,9 +203,10 @@ class Loop:
                            "lr": self.scheduler.get_last_lr()[0]}
                     writer.write(row)
                     if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{row['loss']:.4f}",
-                                        acc=f"{row.get(self.task.progress_metric, 0):.2f}")
-                    stats = MeanAccumulator()
+                        shown = self.task.progress_metric
+                        bar.set_postfix({"loss": f"{row['loss']:.4f}",
+                                         shown.rsplit("/", 1)[-1]: f"{row.get(shown, float('nan')):.3g}"})
+                    self.stats = MeanAccumulator()
                 if t.eval_steps and done % t.eval_steps == 0 and done != self.total_steps:
                     scores = self._evaluate()
                     if scores:

@@ -34,6 +34,18 @@ class MeanAccumulator:
     def __bool__(self) -> bool:
         return bool(self.sums)
 
+    def state(self) -> dict:
+        """The running sums, for a checkpoint: a resumed run's first logged row then covers the whole window
+        the uninterrupted run's did (JSON keeps every float exactly)."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> MeanAccumulator:
+        acc = cls()
+        for name, total in (state or {}).get("sums", {}).items():
+            acc.add(name, total, state["counts"][name])
+        return acc
+
 
 def _add_present(acc: MeanAccumulator, name: str, values: Tensor) -> None:
     """Mean over the entries that exist: non-pair data marks a missing chosen/rejected reward with NaN."""

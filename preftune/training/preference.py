@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from .. import modeling
-from ..config import Config, save_config
-from ..data import Collator, TokenizedSplits, batches, read_splits, tokenize_splits
+from ..config import Config, save_config, to_dict
+from ..data import Collator, TokenizedSplits, batches, content_hash, read_splits, tokenize_splits
 from .export import export_final
+from .fingerprint import model_identity, settings
 from .logps import CompletionLogps
 from .loop import Loop, TrainResult, run_log
 from .metrics import MeanAccumulator, add_batch_statistics
@@ -41,7 +42,6 @@ def _value_head(policy: torch.nn.Module) -> torch.nn.Module:
 class PreferenceTask:
     """The policy (wrapped so one forward returns completion log-probs) under ``objective`` (an ObjectivePlan)."""
 
-    progress_metric = "rewards/accuracies"
 
     def __init__(self, config: Config, objective, tokenizer, policy: torch.nn.Module, data: TokenizedSplits,
                  shape: str):
@@ -49,6 +49,8 @@ class PreferenceTask:
         self.config, self.objective, self.tokenizer, self.policy, self.data = config, objective, tokenizer, policy, data
         self.collator = Collator(tokenizer.pad_token_id, shape)
         self.num_examples = len(data.train)
+        # what the progress bar shows beside the loss: SFT has no rejected completion to be accurate about
+        self.progress_metric = "rewards/accuracies" if objective.uses_rejected else "logps/chosen"
         if objective.batch_level and t.gradient_accumulation_steps > 1:
             log.warning("objective %r compares examples within a micro-batch: with gradient accumulation its "
                         "loss is that of %d batches of %d, not of one batch of %d", objective.name,
@@ -138,6 +140,11 @@ class PreferenceTask:
             prefix = len("reference/")
             self.train_reference.load_state({k[prefix:]: v for k, v in tensors.items() if k.startswith("reference/")})
             self.syncs = state.get("reference_syncs", 0)
+
+    def fingerprint(self) -> dict:
+        return {"settings": settings(to_dict(self.config)),
+                "data": content_hash(self.data.train) + content_hash(self.data.eval),
+                "model": model_identity(modeling.resolve(self.config.model.name_or_path))}
 
     def export(self, module, history: list[dict]) -> Path:
         return export_final(self.config, module.model, self.tokenizer, Path(self.config.training.output_dir),
