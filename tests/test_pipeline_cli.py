@@ -78,3 +78,32 @@ def test_generate_label_train_evaluate(tmp_path, tiny_model_dir):
     assert low <= report["win_rate"]["win_rate"] <= high
     assert report["kl"]["samples"] == 24 and report["kl"]["policy"] == str(run_dir / "final")
     assert report["kl"]["mean"] != 0.0  # three DPO steps at lr 1e-2 moved the adapter off the reference
+
+
+def test_pairs_train_on_the_prompt_format_they_were_sampled_in(tmp_path, tiny_model_dir):
+    """`generate` renders a text prompt through the chat template (the tokenizer has one): the pairs `label`
+    writes must tokenize, for training, to exactly the prompt ids the samples continued."""
+    from preftune.config import DataConfig
+    from preftune.data import load_examples, tokenize_examples
+    from preftune.feedback.sampling import encode_prompt
+    from preftune.modeling import load_tokenizer
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Review film {i}."}) + "\n" for i in range(3)))
+    recipe = _recipe(tmp_path / "generate.yaml", {
+        "model": {"name_or_path": str(tiny_model_dir)}, "prompts": {"file": str(prompts)},
+        "sampling": {"num_samples": 3, "max_new_tokens": 5, "temperature": 1.0, "seed": 0},
+        "output_file": str(tmp_path / "samples.jsonl"), "progress_bar": False})
+    assert main(["generate", str(recipe)]) == 0
+    assert all(r["generation"]["chat_template"] for r in _rows(tmp_path / "samples.jsonl"))
+    pairs = tmp_path / "pairs.jsonl"
+    assert main(["label", str(_recipe(tmp_path / "label.yaml", {
+        "input_file": str(tmp_path / "samples.jsonl"), "output_file": str(pairs), "progress_bar": False,
+        "judge": {"type": "function", "function": f"{__name__}:count_e"}}))]) == 0
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    data = DataConfig(train_file=str(pairs), max_length=None, max_prompt_length=None)
+    examples = load_examples(data, "pairs").train
+    tokenized, _ = tokenize_examples(examples, tokenizer, data)
+    for example, ids in zip(examples, tokenized, strict=True):
+        assert example.prompt == [{"role": "user", "content": example.prompt[0]["content"]}]
+        assert ids.prompt_ids == encode_prompt(tokenizer, example.prompt[0]["content"], True)

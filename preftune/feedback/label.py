@@ -13,7 +13,9 @@ probability of beating the others. Repeated completions are judged once, blank o
 
 Two scores within ``min_margin`` of each other are a tie: the pair is skipped and counted; a prompt whose
 completions all tie gives no pair and is counted. Text prompts give text rows, message prompts
-conversational ones (each completion as a one-message assistant turn), as the training data loader wants. Pairs carry ``score_chosen`` and
+conversational ones (each completion as a one-message assistant turn), as the training data loader wants; a
+text prompt that `generate` sampled through the chat template gives conversational rows too (the prompt as the
+user's message), so that training renders each prompt exactly as it was sampled. Pairs carry ``score_chosen`` and
 ``score_rejected`` too. A summary is printed and written beside the output, named after it (``pairs.jsonl`` ->
 ``pairs.summary.json``).
 """
@@ -59,6 +61,15 @@ class Generation:
     position: int  # 0-based row number in the file: seeds best_vs_random's draw for this prompt
     prompt: str | list[dict]
     completions: list[str]
+    templated: bool = False  # sampled with the chat template (`generation.chat_template` of the row)
+
+    @property
+    def row_prompt(self) -> str | list[dict]:
+        """The prompt as the rows written from it carry it: a text prompt that was sampled through the chat
+        template becomes the user's message, so that training renders it as sampling did."""
+        if self.templated and isinstance(self.prompt, str):
+            return [{"role": "user", "content": self.prompt}]
+        return self.prompt
 
 
 def _check(config: LabelConfig) -> None:
@@ -91,7 +102,8 @@ def read_generations(path: str | Path) -> list[Generation]:
             if not (isinstance(completions, list) and completions and all(isinstance(c, str) for c in completions)):
                 found.append("field 'completions': expected a non-empty list of strings")
             if not found:
-                rows.append(Generation(row.source, len(rows), prompt, completions))
+                templated = bool((row.value.get("generation") or {}).get("chat_template"))
+                rows.append(Generation(row.source, len(rows), prompt, completions, templated))
         problems += [f"{row.source}: {p}" for p in found]
     if problems:
         raise DataValidationError(format_problems(f"{len(problems)} problems in the generations file:", problems, 20))
@@ -183,15 +195,16 @@ def label_rows(config: LabelConfig, gen: Generation, texts: list[str], scores: l
     tied = max(values) - min(values) <= (0.0 if config.format == "unpaired" else config.min_margin)
     if tied and len(scored) > 1:
         counts["all_tied_prompts"] += 1
+    prompt = gen.row_prompt
     if config.format == "unpaired":
-        return _unpaired(config, gen.prompt, scored, counts)
+        return _unpaired(config, prompt, scored, counts)
     if tied:
         return []
     if config.format == "ranked":
         ordered = sorted(scored, key=lambda c: -c[1])  # stable: equal scores keep file order
-        return [{"prompt": gen.prompt, "completions": [_as_completion(gen.prompt, t) for t, _ in ordered],
+        return [{"prompt": prompt, "completions": [_as_completion(prompt, t) for t, _ in ordered],
                  "scores": [s for _, s in ordered]}]
-    return _pairs(config, gen.prompt, scored, rng, counts)
+    return _pairs(config, prompt, scored, rng, counts)
 
 
 def summary_path(output: Path) -> Path:
