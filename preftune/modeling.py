@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,12 +28,28 @@ TRUST_KEY = "model.trust_remote_code"  # where most commands keep it; callers wi
 
 
 def resolve(name_or_path: str) -> str:
-    """Built-in model names (``builtin:...``) resolve to a local folder; everything else is unchanged."""
+    """Built-in model names (``builtin:...``) resolve to a local folder; a local path is checked (it exists, and
+    is a model rather than a preftune run folder); a hub name is left to transformers."""
     if name_or_path.startswith("builtin:"):
         from .assets import resolve_model_path
 
         return resolve_model_path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "final").is_dir():
+        raise ValueError(f"{name_or_path} is a preftune run folder, not a model: its trained model is "
+                         f"{path / 'final'}")
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.exists():
+        raise ValueError(f"model {name_or_path}: no such folder (looked for {path.absolute()})")
     return name_or_path
+
+
+def _hub_unreachable(name_or_path: str, exc: OSError) -> ValueError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    where = ("the Hugging Face hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else
+             "the Hugging Face hub has no such model or cannot be reached")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ValueError(f"model {name_or_path}: not a local folder, and {where} ({first[:200]})")
 
 
 @contextlib.contextmanager
@@ -40,6 +58,10 @@ def remote_code_refused(name_or_path: str, key: str = TRUST_KEY) -> Iterator[Non
     into a ``ConfigError`` naming the config key that allows it."""
     try:
         yield
+    except OSError as exc:  # transformers' "not a local folder and not on the hub": dozens of lines otherwise
+        if Path(name_or_path).expanduser().is_dir():
+            raise
+        raise _hub_unreachable(name_or_path, exc) from exc
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
@@ -50,8 +72,9 @@ def remote_code_refused(name_or_path: str, key: str = TRUST_KEY) -> Iterator[Non
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, key: str = TRUST_KEY) -> PreTrainedTokenizerBase:
+    path = resolve(name_or_path)
     with remote_code_refused(name_or_path, key):
-        tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {name_or_path} has no EOS token; completions must end with one")
     if tokenizer.pad_token_id is None:  # padding positions are masked out, so any id will do

@@ -108,3 +108,25 @@ def test_trust_remote_code_runs_the_folder_code_and_the_model_card_says_so(custo
     assert f"Loaded with `model.trust_remote_code: true`: Python modules shipped in `{folder}`" in card
     assert RewardModel.load(folder, trust_remote_code=True).head.weight.shape == (1, 64)
 
+
+
+def test_a_wrong_model_path_is_one_line_and_a_run_folder_points_at_its_final(tmp_path, base_config, capsys):
+    import yaml
+
+    from preftune.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base_config))
+    assert main(["train", str(path), f"model.name_or_path={tmp_path / 'no_such_model'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"preftune: error: model {tmp_path / 'no_such_model'}: no such folder (looked for {tmp_path / 'no_such_model'})"
+    run_dir = tmp_path / "runs" / "sft"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("{}")
+    assert main(["train", str(path), f"model.name_or_path={run_dir}"]) == 2
+    assert f"{run_dir} is a preftune run folder, not a model: its trained model is {run_dir / 'final'}" in \
+        capsys.readouterr().err
+    assert main(["train", str(path), "model.name_or_path=nobody/no-such-model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("preftune: error: model nobody/no-such-model: not a local folder, and the Hugging Face "
+                          "hub is offline (HF_HUB_OFFLINE=1)") and len(err.splitlines()) == 1
