@@ -296,7 +296,15 @@ def _split_objective(raw: dict) -> dict:
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested mappings. Setting a section's ``type`` to another kind replaces the section:
+    its other keys belonged to the old kind (``judge.type=function`` over a chat-model judge)."""
     parts = dotted.split(".")
+    if parts[-1] == "type" and len(parts) > 1:
+        parent = tree
+        for part in parts[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and parent.get("type") not in (None, value):
+            parent.clear()
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})

@@ -186,3 +186,38 @@ def test_bad_generation_rows_name_file_and_line(tmp_path):
         label(config)
     assert "generations.jsonl:2: field 'completions'" in str(info.value)
     assert "generations.jsonl:3: field 'prompt': missing" in str(info.value)
+
+
+def _commented_judges(recipe: Path) -> list[dict]:
+    """Every commented-out `# judge:` block of a recipe, uncommented and parsed."""
+    blocks, lines = [], recipe.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("# judge:"):
+            body = [line[2:]]
+            for following in lines[i + 1:]:
+                if not following.startswith("#   "):
+                    break
+                body.append(following[2:])
+            blocks.append(yaml.safe_load("\n".join(body))["judge"])
+    return blocks
+
+
+def test_every_commented_judge_example_is_valid_and_the_function_one_runs(tmp_path):
+    blocks = _commented_judges(ROOT / "configs" / "label.yaml")
+    assert sorted(b["type"] for b in blocks) == ["function", "http", "reward_model"]
+    for block in blocks:
+        judge_config(block)  # keys and values checked (building loads a model or needs a key)
+    function = next(b for b in blocks if b["type"] == "function")
+    from preftune.feedback.judges import build_judge
+
+    judge = build_judge({**function, "function": str(ROOT / function["function"])})
+    # "great fun film" -> 2 positive of 3 words; "a dull mess" -> -2 of 3
+    assert judge.score(["Q:", "Q:"], ["great fun film", "a dull mess"]) == pytest.approx([2 / 3, -2 / 3])
+
+
+def test_switching_the_judge_type_on_the_command_line_replaces_the_section(tmp_path):
+    recipe = load_label_config(ROOT / "configs" / "label.yaml",
+                               ["judge.type=function", "judge.function=examples/judges.py:positivity"])
+    assert recipe.judge == {"type": "function", "function": "examples/judges.py:positivity"}
+    same = load_label_config(ROOT / "configs" / "label.yaml", ["judge.type=chat_model", "judge.batch_size=2"])
+    assert same.judge["model"] == {"name_or_path": "builtin:SmolLM2-135M-Instruct"} and same.judge["batch_size"] == 2
