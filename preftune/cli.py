@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, ConfigError, describe_options, load_config, with_objective
+from . import __version__
+from .config import Config, ConfigError, ObjectiveConfig, describe_options, load_config, with_objective
 
 
 def _print_metrics(title: str, metrics: dict | None) -> None:
@@ -49,9 +50,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if "model_file" in load_yaml(args.config, args.overrides):
         return _lazy("preftune.evaluation.winrate:command")(args)
-    from .evaluation.heldout import evaluate_model
+    from .evaluation.heldout import evaluate_model, report_path
 
-    print(json.dumps(evaluate_model(load_config(args.config, args.overrides)), indent=2))
+    config = load_config(args.config, args.overrides)
+    print(json.dumps(evaluate_model(config), indent=2))
+    print(f"written to {report_path(config)}")
     return 0
 
 
@@ -72,45 +75,81 @@ def _lazy(spec: str):
 class Command:
     help: str
     handler: Callable[[argparse.Namespace], int] | str  # a function, or "module:function" imported when run
+    example: str  # overrides shown in the command's help
     takes_config: bool = True
     config_type: type | str | None = Config  # its options, listed by --help
+    defaults: Callable[[], object] | None = None  # the instance whose values --help shows (default: the type's)
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("preference optimization with the config's objective (DPO by default)", run_train),
-    "sft": Command("supervised fine-tuning: the same loop with the NLL objective on prompt/completion data", run_train),
+    "train": Command("preference optimization with the config's objective (DPO by default)", run_train,
+                     "objective.beta=0.2 training.learning_rate=1e-6"),
+    "sft": Command("supervised fine-tuning: the same loop with the NLL objective on prompt/completion data", run_train,
+                   "training.learning_rate=1e-5 lora.enabled=true",
+                   defaults=lambda: Config(objective=ObjectiveConfig(name="sft"))),
     "eval": Command("held-out pair metrics (reward accuracy, margins, log-probs, SimPO's likelihood-length analysis) "
                     "of a model; given a winrate recipe (model_file: ...), the same report as `preftune winrate`",
-                    run_eval),
+                    run_eval, "model.name_or_path=runs/dpo/final"),
     "demo": Command("the embedded default: SmolLM2-135M-Instruct + DPO/LoRA on movie-review preference pairs",
-                    run_demo, takes_config=False),
+                    run_demo, "demo.n_train=256 training.max_steps=20", takes_config=False),
     "generate": Command("sample K completions per prompt from a model or adapter (HF or vLLM) into resumable JSONL",
-                        "preftune.feedback.generate:command", config_type="preftune.feedback.generate:GenerateConfig"),
+                        "preftune.feedback.generate:command", "sampling.num_samples=8 sampling.temperature=1.0",
+                        config_type="preftune.feedback.generate:GenerateConfig"),
     "label": Command("judge generations into preference pairs, ranked lists or unpaired labels (AI feedback)",
-                     "preftune.feedback.label:command", config_type="preftune.feedback.label:LabelConfig"),
+                     "preftune.feedback.label:command", "format=all_pairs judge.batch_size=8",
+                     config_type="preftune.feedback.label:LabelConfig"),
     "reward": Command("train a Bradley-Terry reward model (a scalar head on any backbone) from pairs or ranked lists",
-                      "preftune.reward.train:command", config_type="preftune.reward.train:RewardConfig"),
+                      "preftune.reward.train:command", "training.epochs=2 model.freeze_backbone=true",
+                      config_type="preftune.reward.train:RewardConfig"),
     "sentiment-reward": Command("the frontier's sentiment reward model: pairs from the rated movie snippets, a "
                                 "reward model on them, its held-out sign accuracy",
-                                "preftune.experiments.sentiment_reward:command",
+                                "preftune.experiments.sentiment_reward:command", "sentiment_pairs.min_gap=2.0",
                                 config_type="preftune.experiments.sentiment_reward:SentimentRewardConfig"),
     "winrate": Command("evaluate generations: win rate vs a baseline under a judge, mean reward, KL(pi||ref), lengths",
-                       "preftune.evaluation.winrate:command", config_type="preftune.evaluation.winrate:WinrateConfig"),
+                       "preftune.evaluation.winrate:command", "bootstrap.samples=2000",
+                       config_type="preftune.evaluation.winrate:WinrateConfig"),
     "frontier": Command("the DPO paper's controlled-sentiment experiment: reward vs KL of DPO, IPO, SimPO, ... plotted",
-                        "preftune.experiments.frontier.run:command", config_type="preftune.experiments.frontier.config:FrontierConfig"),
+                        "preftune.experiments.frontier.run:command", "prompts.train=64 evaluation.num_samples=2",
+                        config_type="preftune.experiments.frontier.config:FrontierConfig"),
 }
+
+
+def _objective_parameters(prefix: str, section) -> list[str]:
+    """The objective's own parameters with their defaults, as flat keys (``objective.beta = 0.1``)."""
+    import dataclasses
+
+    from .objectives import get_objective
+
+    objective = get_objective(section.name)
+    lines = [f"{prefix}{f.name} = {f.default!r}" for f in dataclasses.fields(objective.params)]
+    return lines + [f"{prefix}<parameter> = ...  (another objective's parameters: python -m preftune.objectives.catalog)"]
+
+
+def _judge_kinds(prefix: str, section) -> list[str]:
+    """Each kind of judge (``judge.type``) and the keys it takes."""
+    from .feedback.judges import JUDGES, judge_class
+
+    lines = [f"{prefix}judge.type = one of {', '.join(JUDGES)}  (the other judge keys belong to that kind:)"]
+    for kind in JUDGES:
+        lines.append(f"  {prefix}judge (type: {kind}):")
+        lines.append(describe_options(judge_class(kind).Config, f"    {prefix}judge."))
+    return lines
 
 
 def _epilog(command: Command) -> str | None:
     config_type = _lazy(command.config_type) if isinstance(command.config_type, str) else command.config_type
     if config_type is None:
         return None
-    return "config keys (section.key = default); override any of them as key=value:\n" + describe_options(config_type)
+    defaults = command.defaults() if command.defaults else None
+    options = describe_options(config_type, defaults=defaults,
+                               expand={"params": _objective_parameters, "judge": _judge_kinds})
+    return "config keys (section.key = default); override any of them as key=value:\n" + options
 
 
 def _parser(with_options: bool) -> argparse.ArgumentParser:
     """``with_options``: list every command's config keys in its help (imports each command's module)."""
     parser = argparse.ArgumentParser(prog="preftune", description="Align causal LMs with preference data.")
+    parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help,
@@ -118,7 +157,7 @@ def _parser(with_options: bool) -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if command.takes_config:
             p.add_argument("config", type=Path, help="YAML recipe (see configs/)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. objective.beta=0.2")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {command.example}")
     return parser
 
 

@@ -14,6 +14,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -462,9 +463,12 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
 
 
-def describe_options(config_type: type = None, prefix: str = "", defaults: Any = None) -> str:
+def describe_options(config_type: type = None, prefix: str = "", defaults: Any = None,
+                     expand: dict[str, Callable[[str, Any], list[str]]] | None = None) -> str:
     """Every key of a config dataclass (``Config`` by default) with its default, nested sections dotted. The
-    defaults are read off a default instance, so a section's own defaults (e.g. a preset model) show."""
+    defaults are read off a default instance, so a section's own defaults (e.g. a preset model) show.
+    ``expand`` renders a free-form field by name (``params``: the objective's own parameters; ``judge``: each
+    kind of judge and its keys) as ``expand[name](dotted prefix, the section holding it)`` lines."""
     config_type = config_type or Config
     defaults = config_type() if defaults is None else defaults
     lines = []
@@ -472,9 +476,14 @@ def describe_options(config_type: type = None, prefix: str = "", defaults: Any =
         if f.name.startswith("_"):
             continue
         value = getattr(defaults, f.name)
-        if dataclasses.is_dataclass(value):
-            lines.append(f"{prefix}{f.name}:")
-            lines.append(describe_options(type(value), f"  {prefix.strip()}{f.name}.", value))
+        if expand and f.name in expand:
+            lines += expand[f.name](prefix, defaults)
             continue
-        lines.append(f"{prefix}{f.name} = {value!r}")
+        if dataclasses.is_dataclass(value):
+            indent = prefix[: len(prefix) - len(prefix.lstrip())]
+            lines.append(f"{prefix}{f.name}:")
+            lines.append(describe_options(type(value), f"{indent}  {prefix.strip()}{f.name}.", value, expand))
+            continue
+        shown = repr(value)
+        lines.append(f"{prefix}{f.name} = {shown if len(shown) <= 90 else shown[:87] + '...'}")
     return "\n".join(lines)

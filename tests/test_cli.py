@@ -28,8 +28,31 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for line in ("training.learning_rate = 5e-07", "objective.name = 'dpo'", "data.max_length = 1024",
-                 "reference.precompute = False", "lora.r = 16"):
+                 "reference.precompute = False", "lora.r = 16", "objective.beta = 0.1", "objective.label_smoothing = 0.0",
+                 "e.g. objective.beta=0.2"):
         assert line in out
+    assert "params" not in out
+
+
+@pytest.mark.parametrize(("command", "present", "absent"), [
+    ("sft", ["objective.name = 'sft'", "objective.<parameter>"], ["objective.name = 'dpo'", "objective.beta"]),
+    ("label", ["judge.type = one of function, reward_model, chat_model, http", "judge.path = ''",
+               "judge.model.name_or_path = ''", "e.g. format=all_pairs"], ["judge = {}", "objective"]),
+    ("generate", ["sampling.num_samples = 4", "e.g. sampling.num_samples=8"], ["objective"]),
+    ("winrate", ["kl.reference = ''", "judge.type = one of"], ["objective"]),
+])
+def test_each_command_help_lists_its_own_keys(command, present, absent, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert all(p in out for p in present), [p for p in present if p not in out]
+    assert not [a for a in absent if a in out]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == "preftune 0.1.0"
 
 
 def test_bad_key_fails_before_any_model_loads(tmp_path, base_config, capsys, monkeypatch):
@@ -78,7 +101,10 @@ def test_train_then_eval_the_final_model(tmp_path, base_config, capsys):
     assert main(["eval", str(path), f"model.name_or_path={final}",
                  f"reference.name_or_path={base_config['model']['name_or_path']}",
                  f"training.output_dir={tmp_path / 'eval'}"]) == 0
-    metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert f"written to {tmp_path / 'eval'}/eval-" in capsys.readouterr().out
+    written = sorted((tmp_path / "eval").glob("eval-*.json"))
+    assert [p.name for p in written] == [f"eval-{str(tmp_path / 'run' / 'final').strip('/').replace('/', '-')}.json"]
+    metrics = json.loads(written[0].read_text())
     history = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
     after = [row for row in history if "eval/loss" in row][-1]
     # the same held-out split, model and reference: the eval command reproduces the trainer's last eval

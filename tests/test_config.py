@@ -59,6 +59,7 @@ def test_overrides_are_typed_and_reach_objective_parameters():
         ({}, ["training.precision=fp16"], r"'training.precision': expected one of 'fp32', 'bf16', got 'fp16'"),
         ({}, ["training.batch_size=0"], r"'training.batch_size': must be > 0"),
         ({}, ["objective.name=dpx"], r"unknown objective 'dpx' \(did you mean 'dpo'\?\); valid objectives: .*simpo"),
+        ({}, ["objective.name=dop"], r"unknown objective 'dop' \(did you mean 'dpo' or 'dpop'\?\)"),
         ({}, ["objective.gamma=1"], r"objective 'dpo' does not take parameter\(s\) gamma; its parameters are: beta"),
         ({}, ["objective.beta=-1"], r"beta must be > 0"),
         ({}, ["data.max_prompt_length=600", "data.max_length=512"], r"'data.max_prompt_length' \(600\) must be smaller"),

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -11,8 +11,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .. import modeling
+from ..atomic import write_json
 from ..config import Config
-from ..data import Collator, batches, read_splits, tokenize_splits
+from ..data import Collator, batches, read_splits, tokenize_examples
 from ..training.logps import CompletionLogps
 from ..training.reference import AdapterOffReference, build_reference
 from ..training.schedule import sequential_batches
@@ -35,9 +36,16 @@ def _load_policy(config: Config):
     return modeling.load_causal_lm(str(path), config.model), False
 
 
+def report_path(config: Config) -> Path:
+    """``<output_dir>/eval-<model>.json``: named after the evaluated model, so evaluating another model (or
+    the same run's checkpoints) into one folder keeps every report."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", config.model.name_or_path).strip("-.")[-100:] or "model"
+    return Path(config.training.output_dir) / f"eval-{slug}.json"
+
+
 def evaluate_model(config: Config) -> dict[str, float]:
     """Metrics over the held-out split (or the whole train file when there is none), written to
-    ``<output_dir>/eval.json``."""
+    ``report_path(config)``."""
     objective = config.objective.plan()
     splits = read_splits(config, objective, None)
     examples = splits.eval or splits.train
@@ -45,8 +53,8 @@ def evaluate_model(config: Config) -> dict[str, float]:
         log.warning("no held-out split configured: evaluating on every row of %s", config.data.train_file)
     accelerator = modeling.make_accelerator(config.training.precision)
     tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
-    splits.train, splits.eval = examples, []
-    tokenized = tokenize_splits(config, splits, tokenizer).train
+    tokenized, summary = tokenize_examples(examples, tokenizer, config.data)
+    log.info("%s: %s", "held-out" if splits.eval else "all rows", summary.describe())
     policy, is_adapter = _load_policy(config)
     policy = policy.to(accelerator.device).eval()
     chunk = config.training.logps_chunk_size
@@ -65,9 +73,7 @@ def evaluate_model(config: Config) -> dict[str, float]:
     metrics = evaluate(scorer, tqdm(loader, total=len(order), desc="evaluating"), policy)
     metrics["eval/examples"] = float(len(tokenized))
     metrics.update(likelihood_length_analysis(recorder, splits.shape))
-    out = Path(config.training.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_json(report_path(config), metrics)
     return metrics
 
 

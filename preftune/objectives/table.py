@@ -5,7 +5,6 @@ registered by decorators."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
 from .aot import AOTParams, aot_loss, aot_unpaired_loss
 from .apo import APOParams, apo_down_loss, apo_zero_loss
@@ -177,11 +176,29 @@ OBJECTIVES: dict[str, Objective] = {
 SHARED_PARAMS = ("rpo_alpha", "ld_alpha", "wpo", "weight", "mixture")
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Insertions, deletions, substitutions and swaps of two neighbours (optimal string alignment)."""
+    rows = [list(range(len(b) + 1))] + [[i] + [0] * len(b) for i in range(1, len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            rows[i][j] = min(rows[i - 1][j] + 1, rows[i][j - 1] + 1, rows[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                rows[i][j] = min(rows[i][j], rows[i - 2][j - 2] + 1)
+    return rows[-1][-1]
+
+
+def closest_names(name: str, names, n: int = 3) -> list[str]:
+    """Up to ``n`` names nearest to ``name`` (edit distance, then length difference), within half its length."""
+    limit = max(1, len(name) // 2)
+    ranked = sorted((edit_distance(name, other), abs(len(other) - len(name)), other) for other in names)
+    return [other for distance, _, other in ranked if distance <= limit][:n]
+
+
 def get_objective(name: str) -> Objective:
-    """The table row for ``name``; an unknown name is an error that lists the valid ones."""
+    """The table row for ``name``; an unknown name is an error that names the closest and lists the valid ones."""
     if name not in OBJECTIVES:
-        close = difflib.get_close_matches(name, OBJECTIVES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = closest_names(name, OBJECTIVES)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         raise ValueError(f"unknown objective {name!r}{hint}; valid objectives: {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[name]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -58,7 +57,9 @@ def test_preftune_eval_adds_the_simpo_analysis(base_config, tiny_model_dir):
 
     config = config_from_dict(base_config)
     metrics = evaluate_model(config)
-    written = json.loads((Path(config.training.output_dir) / "eval.json").read_text())
+    from preftune.evaluation.heldout import report_path
+
+    written = json.loads(report_path(config).read_text())
     assert written["eval/analysis/avg_logp_length_spearman"] == metrics["eval/analysis/avg_logp_length_spearman"]
     held_out = load_examples(config.data, "pairs", seed=config.training.seed).eval
     tokenized, _ = tokenize_examples(held_out, modeling.load_tokenizer(str(tiny_model_dir)), config.data)

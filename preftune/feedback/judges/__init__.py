@@ -144,7 +144,8 @@ def render_prompt(prompt: Prompt) -> str:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
 
 
-def _judge_class(kind: str) -> type:
+def judge_class(kind: str) -> type:
+    """The class of judge kind ``kind`` (imported now; a missing optional module is a ConfigError)."""
     module_name, _, class_name = JUDGES[kind].partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -170,7 +171,7 @@ def judge_config(values: dict[str, Any], prefix: str = "judge.") -> tuple[type, 
         close = difflib.get_close_matches(str(kind), list(JUDGES), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"config key '{prefix}type': expected one of {', '.join(JUDGES)}, got {kind!r}{hint}")
-    cls = _judge_class(kind)
+    cls = judge_class(kind)
     return cls, build_section(cls.Config, values, prefix)
 
 
@@ -189,6 +190,7 @@ __all__ = [
     "Prompt",
     "build_judge",
     "check_lengths",
+    "judge_class",
     "judge_config",
     "preference_from_scores",
     "render_prompt",
