@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def process_device() -> torch.device:
     """This process's device (its own GPU under ``accelerate launch``/``torchrun``, else cuda:0 or CPU)."""
     from accelerate import PartialState
 
-    return PartialState().device
+    return PartialState(cpu=launched_on_cpu()).device
 
 
 def load_causal_lm(name_or_path: str, model_cfg: ModelConfig, keep_dropout: bool = False,
@@ -245,6 +246,12 @@ def load_frozen(name_or_path: str, model_cfg: ModelConfig, key: str = TRUST_KEY,
     return model
 
 
+def launched_on_cpu() -> bool:
+    """Several processes started by torchrun (or accelerate) on a machine without a GPU: accelerate then
+    needs ``cpu=True`` to join them in one gloo process group (without it, each would train alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def make_accelerator(precision: str, key: str = "training.precision"):
     """A fresh Accelerator for this run. accelerate keeps process-wide state that refuses a second run with
     another precision (a notebook training fp32 then bf16): reset that part, never the distributed one.
@@ -259,7 +266,7 @@ def make_accelerator(precision: str, key: str = "training.precision"):
     if mixed == "fp16" and process_device().type == "cpu":
         raise ConfigError(f"config key '{key}': fp16 needs a GPU (accelerate runs fp16 autocast with a gradient "
                           "scaler only there; on a CPU the run would silently stay fp32); use bf16 or fp32")
-    return Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False)
+    return Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False, cpu=launched_on_cpu())
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
