@@ -368,6 +368,9 @@ def _check_quantization(config: Config) -> None:
         raise ConfigError("config key 'lora.save': merged would fold the adapter into rounded (quantized) weights; "
                           "with model.quantization save the adapter (lora.save: adapter): final/ names the "
                           "unquantized base, into which it can be merged afterwards")
+    if config.training.stages:
+        raise ConfigError("config key 'training.stages': sDPO merges each stage's adapter into the model the next "
+                          "stage starts from, which model.quantization would round; run the stages unquantized")
 
 
 def validate(config: Config) -> None:

@@ -148,6 +148,9 @@ def test_quantization_needs_lora_and_an_adapter_export(base_config):
     raw["lora"] = {"enabled": True, "save": "merged"}
     with pytest.raises(ConfigError, match=r"'lora.save': merged would fold the adapter into rounded"):
         config_from_dict(raw)
+    raw["lora"]["save"] = "adapter"
+    with pytest.raises(ConfigError, match=r"'training.stages': sDPO merges each stage's adapter"):
+        config_from_dict(raw, ["training.stages=2"])
     with pytest.raises(ConfigError, match=r"'model.quantization': expected one of '4bit', '8bit' or null"):
         config_from_dict(base_config, ["model.quantization=3bit"])
 
