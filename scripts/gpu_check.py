@@ -129,9 +129,13 @@ def sample_once(backend: str, model: str, max_new_tokens: int) -> dict:
     texts = sampler.sample(ids, list(range(len(ids))))
     seconds = time.perf_counter() - began
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for per_prompt in texts for t in per_prompt)
-    return {"run": f"sample-{backend}", "seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 1),
-            "completions": sum(len(p) for p in texts), "peak_gib": peak_gib(),
-            "ok": all(len(p) == sampling.num_samples for p in texts)}
+    row = {"run": f"sample-{backend}", "seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 1),
+           "completions": sum(len(p) for p in texts), "peak_gib": peak_gib(),
+           "ok": all(len(p) == sampling.num_samples for p in texts)}
+    if backend == "vllm":  # vLLM allocates in its own engine process and reserves gpu_memory_utilization up front
+        free, total = torch.cuda.mem_get_info()
+        row.update(peak_gib=(total - free) / 2**30, note="device memory in use (vLLM reserves its KV cache up front)")
+    return row
 
 
 def sample_in_child(backend: str, model: str, max_new_tokens: int) -> dict:
@@ -166,7 +170,7 @@ def report(rows: list[dict]) -> str:
     lines = [f"{'run':18s} {'ok':>3s} {'seconds':>8s} {'tokens/s':>10s} {'peak GiB':>9s}  notes"]
     for row in rows:
         peak = row.get("peak_gib")
-        notes = row.get("refused") or row.get("skipped") or row.get("error") or (
+        notes = row.get("refused") or row.get("skipped") or row.get("error") or row.get("note") or (
             f"loss {row['first_loss']:.4f} -> {row['last_loss']:.4f}" if "first_loss" in row else "")
         lines.append(f"{row['run']:18s} {'yes' if row['ok'] else 'NO':>3s} {row.get('seconds', '-')!s:>8s} "
                      f"{row.get('tokens_per_second', '-')!s:>10s} {f'{peak:.2f}' if peak is not None else '-':>9s}  "
