@@ -35,6 +35,9 @@ class ModelConfig:
     dropout: bool = False  # keep the model's dropout; off by default so policy and reference see the same net
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    # QLoRA: load the base weights through bitsandbytes (4bit: NF4 with double quantization) and train LoRA
+    # adapters on top; needs lora.enabled. The matmuls compute in training.precision's dtype.
+    quantization: Literal["4bit", "8bit"] | None = None
 
 
 @dataclass
@@ -121,7 +124,8 @@ class LoopConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs
     max_grad_norm: float | None = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (AMX on recent CPUs)
+    # bf16: autocast (AMX on recent CPUs); fp16: autocast + gradient scaler, GPUs only
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     logging_steps: int = 10
     eval_steps: int | None = None  # None: evaluate at the end only (when there is a held-out split)
     eval_before_training: bool = True
@@ -400,6 +404,22 @@ def validate_loop(t: LoopConfig, section: str = "training") -> None:
         raise ConfigError(f"config key '{section}.warmup_steps': must be >= 0, got {t.warmup_steps}")
 
 
+def _check_quantization(config: Config) -> None:
+    quantization = config.model.quantization
+    if quantization is None:
+        return
+    if not config.lora.enabled:
+        raise ConfigError(f"config key 'model.quantization' is {quantization!r} but lora.enabled is false: quantized "
+                          "weights cannot be trained, so QLoRA trains LoRA adapters on top; set lora.enabled: true")
+    if config.lora.save == "merged":
+        raise ConfigError("config key 'lora.save': merged would fold the adapter into rounded (quantized) weights; "
+                          "with model.quantization save the adapter (lora.save: adapter): final/ names the "
+                          "unquantized base, into which it can be merged afterwards")
+    if config.training.stages:
+        raise ConfigError("config key 'training.stages': sDPO merges each stage's adapter into the model the next "
+                          "stage starts from, which model.quantization would round; run the stages unquantized")
+
+
 def validate(config: Config) -> None:
     """Cross-field checks; the objective's own parameters are validated by its parameter type."""
     t, d = config.training, config.data
@@ -419,6 +439,7 @@ def validate(config: Config) -> None:
     if d.eval_file and d.eval_fraction:
         raise ConfigError("give either 'data.eval_file' or 'data.eval_fraction', not both")
     _positive("lora.r", config.lora.r, allow_none=False)
+    _check_quantization(config)
     _positive("reference.sync_steps", config.reference.sync_steps)
     if not 0 < config.reference.sync_alpha <= 1:
         raise ConfigError(f"config key 'reference.sync_alpha': must be in (0, 1], got {config.reference.sync_alpha}")

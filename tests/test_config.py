@@ -56,7 +56,7 @@ def test_overrides_are_typed_and_reach_objective_parameters():
         ({"training": {"batchsize": 2}}, [], r"unknown config key 'training.batchsize' \(did you mean 'training.batch_size'\?\)"),
         ({"trainer": {}}, [], r"unknown config key 'trainer' \(did you mean 'training'\?\)"),
         ({}, ["training.batch_size=two"], r"'training.batch_size': expected an integer, got 'two'"),
-        ({}, ["training.precision=fp16"], r"'training.precision': expected one of 'fp32', 'bf16', got 'fp16'"),
+        ({}, ["training.precision=fp8"], r"'training.precision': expected one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
         ({}, ["training.batch_size=0"], r"'training.batch_size': must be > 0"),
         ({}, ["objective.name=dpx"], r"unknown objective 'dpx' \(did you mean 'dpo'\?\); valid objectives: .*simpo"),
         ({}, ["objective.name=dop"], r"unknown objective 'dop' \(did you mean 'dpo' or 'dpop'\?\)"),

@@ -1,4 +1,13 @@
-"""``preftune eval``: held-out pair metrics of a trained or base model (no training)."""
+"""``preftune eval``: held-out pair metrics of a trained or base model (no training).
+
+The implicit reward compares the model with a reference, and a model compared with itself scores zero
+everywhere, so the reference is never the evaluated model by accident. It is, in this order:
+``reference.name_or_path`` when set; else the reference the model was trained against, as recorded in the
+``preftune_config.yaml`` preftune writes into ``final/`` (its ``reference.name_or_path``, else its starting
+model, which for an adapter trained from an SFT adapter is that SFT model); else, for a PEFT adapter
+folder, its base (adapters off). A full model with none of these is an error naming the key to set.
+When the reference is the adapter's own base, the adapters are switched off instead of loading it twice.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +16,72 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .. import modeling
 from ..atomic import write_json
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import Collator, batches, read_splits, tokenize_examples
 from ..training.logps import CompletionLogps
-from ..training.reference import AdapterOffReference, build_reference
+from ..training.reference import AdapterOffReference, ModelReference
 from ..training.schedule import sequential_batches
 from ..training.step import Scorer, evaluate
 from .analysis.likelihood_length import LikelihoodRecorder, likelihood_length_metrics
 
 log = logging.getLogger("preftune")
+RECORD = "preftune_config.yaml"  # written into final/ by training/export.py
 
 
-def _load_policy(config: Config):
-    """A full model folder, or a PEFT adapter folder (its base is then the reference, adapters off)."""
+def _load_policy(config: Config) -> torch.nn.Module:
+    """A full model folder, or a PEFT adapter folder on its base (not merged, so its adapters can be off)."""
+    path = modeling.resolve(config.model.name_or_path)
+    base = modeling.adapter_base(Path(path))
+    precision = config.training.precision
+    if base is None:
+        return modeling.load_causal_lm(path, config.model, precision=precision)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(modeling.load_causal_lm(base, config.model, precision=precision), path)
+
+
+def recorded_reference(model_path: Path) -> str | None:
+    """The reference a preftune run trained ``model_path`` against: from its ``preftune_config.yaml``, the
+    run's ``reference.name_or_path``, else its starting model ``model.name_or_path``; None without a record."""
+    record = model_path / RECORD
+    if not record.is_file():
+        return None
+    raw = yaml.safe_load(record.read_text(encoding="utf-8")) or {}
+    return (raw.get("reference") or {}).get("name_or_path") or (raw.get("model") or {}).get("name_or_path") or None
+
+
+def reference_for(config: Config) -> str | None:
+    """The name of the model the evaluated one is compared with (see the module docstring), or None for an
+    adapter's own base; a full model with no reference to compare with is an error."""
     path = Path(modeling.resolve(config.model.name_or_path))
-    if (path / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
+    if config.reference.name_or_path:
+        return config.reference.name_or_path
+    recorded = recorded_reference(path)
+    if recorded and Path(recorded).is_absolute() and not Path(recorded).exists():
+        raise ConfigError(f"config key 'reference.name_or_path': {path / RECORD} says the model was trained against "
+                          f"{recorded}, which does not exist here; set reference.name_or_path to that model")
+    if recorded is None and modeling.adapter_base(path) is None:
+        raise ConfigError(f"config key 'reference.name_or_path': {config.model.name_or_path} is a full model with no "
+                          f"{RECORD} saying what it was trained from, and comparing it with itself would make every "
+                          "implicit reward zero; set reference.name_or_path to the model training started from")
+    return recorded
 
-        with modeling.remote_code_refused(str(path)):  # the adapter's base model is loaded here
-            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=modeling.DTYPES[config.model.dtype],
-                                                             trust_remote_code=config.model.trust_remote_code)
-        return model, True
-    return modeling.load_causal_lm(str(path), config.model), False
+
+def build_eval_reference(config: Config, policy: torch.nn.Module, autocast) -> ModelReference:
+    name, chunk = reference_for(config), config.training.logps_chunk_size
+    base = modeling.adapter_base(Path(modeling.resolve(config.model.name_or_path)))
+    if base is not None and (name is None or modeling.portable_path(name) == modeling.portable_path(base)):
+        log.info("reference: the adapter's base %s (adapters off)", base)
+        return AdapterOffReference(policy, chunk, autocast)
+    log.info("reference: %s", name)
+    model = modeling.load_frozen(name, config.model, precision=config.training.precision)
+    return ModelReference(modeling.place(model, next(policy.parameters()).device), chunk, autocast)
 
 
 def report_path(config: Config) -> Path:
@@ -47,6 +95,8 @@ def evaluate_model(config: Config) -> dict[str, float]:
     """Metrics over the held-out split (or the whole train file when there is none), written to
     ``report_path(config)``."""
     objective = config.objective.plan()
+    if objective.needs_reference:
+        reference_for(config)  # no usable reference fails before any data is read or model loaded
     splits = read_splits(config, objective, None)
     examples = splits.eval or splits.train
     if not splits.eval:
@@ -55,15 +105,9 @@ def evaluate_model(config: Config) -> dict[str, float]:
     tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     tokenized, summary = tokenize_examples(examples, tokenizer, config.data)
     log.info("%s: %s", "held-out" if splits.eval else "all rows", summary.describe())
-    policy, is_adapter = _load_policy(config)
-    policy = policy.to(accelerator.device).eval()
-    chunk = config.training.logps_chunk_size
-    if objective.needs_reference and is_adapter and not config.reference.name_or_path:
-        reference = AdapterOffReference(policy, chunk, accelerator.autocast)
-    else:
-        config.lora.enabled = False
-        reference = build_reference(config, objective, policy, accelerator.autocast)
-    wrapped = CompletionLogps(policy, chunk)
+    policy = modeling.place(_load_policy(config), accelerator.device).eval()
+    reference = build_eval_reference(config, policy, accelerator.autocast) if objective.needs_reference else None
+    wrapped = CompletionLogps(policy, config.training.logps_chunk_size)
     recorder = LikelihoodRecorder(lambda *a, **kw: _autocast_call(accelerator, wrapped, *a, **kw))
     scorer = Scorer(recorder, reference, objective)
     if objective.needs_live_reference and reference is not None:

@@ -10,6 +10,9 @@ Each section is computed only when its inputs are configured, and written to ``o
 - ``lengths`` (on by default): characters and tokens per completion, mean / median / p90.
 
 With a pointwise judge every completion is scored once, and the verdicts follow from the scores.
+
+Under ``accelerate launch`` / ``torchrun`` the judge's chunks and the KL batches are shared out over the
+processes (``feedback.shards``), gathered in order, and the main process writes the report.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..config import ConfigError, ModelConfig, beside, load_section
 from ..data import read_rows
 from ..feedback.judges import Judge, build_judge, judge_config, preference_from_scores
 from ..feedback.label import Generation, read_generations
+from ..feedback.shards import Processes
 from .analysis.kl import estimate_kl, sample_ids
 from .analysis.lengths import length_stats
 from .analysis.winrate import win_rate
@@ -129,22 +133,34 @@ def match_prompts(model: GenerationsFile, baseline: GenerationsFile) -> list[tup
     return [(row, theirs[k]) for k, row in ours.items()]
 
 
-def _chunks(items: list, size: int, progress_bar: bool, desc: str):
+def _progress(total: int, config: WinrateConfig, desc: str, processes: Processes):
+    """A progress bar on the main process; ``bar.update(n)`` counts what every process did alongside."""
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(items), size), desc=desc, unit="chunk", disable=not progress_bar):
-        yield items[start : start + size]
+    return tqdm(total=total, desc=desc, unit="prompt", disable=not config.progress_bar or not processes.is_main)
 
 
-def score_file(judge: Judge, gen: GenerationsFile, config: WinrateConfig) -> list[list[float | None]]:
+def _chunked(items: list, size: int) -> list[list]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def score_file(judge: Judge, gen: GenerationsFile, config: WinrateConfig, processes: Processes | None = None
+               ) -> list[list[float | None]]:
     """A pointwise judge's score of every completion, per prompt."""
-    out: list[list[float | None]] = []
-    for chunk in _chunks(gen.rows, config.chunk_size, config.progress_bar, f"scoring {Path(gen.path).name}"):
+    processes = processes or Processes()
+
+    def score_chunk(chunk: list[Generation]) -> list[list[float | None]]:
         flat = judge.score([r.prompt for r in chunk for _ in r.completions], [c for r in chunk for c in r.completions])
+        bar.update(len(chunk) * processes.count)
+        out = []
         for row in chunk:
             out.append(flat[: len(row.completions)])
             flat = flat[len(row.completions) :]
-    return out
+        return out
+
+    with _progress(len(gen.rows), config, f"scoring {Path(gen.path).name}", processes) as bar:
+        return [scores for chunk in processes.map(_chunked(gen.rows, config.chunk_size), score_chunk)
+                for scores in chunk]
 
 
 def reward_stats(scores: list[list[float | None]]) -> dict[str, float]:
@@ -154,26 +170,30 @@ def reward_stats(scores: list[list[float | None]]) -> dict[str, float]:
             "scored": len(given), "no_result": sum(s is None for per_prompt in scores for s in per_prompt)}
 
 
-def compare_files(judge: Judge, matched: list[tuple[Generation, Generation]], config: WinrateConfig
-                  ) -> list[list[float | None]]:
+def compare_files(judge: Judge, matched: list[tuple[Generation, Generation]], config: WinrateConfig,
+                  processes: Processes | None = None) -> list[list[float | None]]:
     """A pairwise judge's verdicts, P(model's sample k beats the baseline's sample k), per prompt."""
-    verdicts: list[list[float | None]] = []
-    for chunk in _chunks(matched, config.chunk_size, config.progress_bar, "judging"):
+    processes = processes or Processes()
+
+    def compare_chunk(chunk: list[tuple[Generation, Generation]]) -> list[list[float | None]]:
         sizes = [min(len(m.completions), len(b.completions)) for m, b in chunk]
         flat = judge.compare([m.prompt for (m, _), n in zip(chunk, sizes, strict=True) for _ in range(n)],
                              [c for (m, _), n in zip(chunk, sizes, strict=True) for c in m.completions[:n]],
                              [c for (_, b), n in zip(chunk, sizes, strict=True) for c in b.completions[:n]])
+        bar.update(len(chunk) * processes.count)
+        verdicts = []
         for n in sizes:
             verdicts.append(flat[:n])
             flat = flat[n:]
-    return verdicts
+        return verdicts
+
+    with _progress(len(matched), config, "judging", processes) as bar:
+        return [v for chunk in processes.map(_chunked(matched, config.chunk_size), compare_chunk) for v in chunk]
 
 
-def _kl_section(config: WinrateConfig, gen: GenerationsFile) -> dict:
-    import torch
-    from tqdm.auto import tqdm
-
+def _kl_section(config: WinrateConfig, gen: GenerationsFile, processes: Processes) -> dict:
     from ..feedback.sampling import load_for_sampling, load_tokenizer_for
+    from ..modeling import place
 
     policy_name = config.kl.policy or gen.model
     if not policy_name:
@@ -192,12 +212,11 @@ def _kl_section(config: WinrateConfig, gen: GenerationsFile) -> dict:
     pairs = [sample_ids(tokenizer, row.prompt, c, use_template, s.get("max_new_tokens"))
              for row in gen.rows for c in row.completions]
     model_cfg = ModelConfig(dtype=config.kl.dtype, trust_remote_code=trust)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = load_for_sampling(policy_name, model_cfg, TRUST_KEY).to(device)
-    reference = load_for_sampling(config.kl.reference, model_cfg, TRUST_KEY).to(device)
-    result = estimate_kl(policy, reference, pairs, tokenizer.pad_token_id, config.kl.batch_size,
-                         config.kl.logps_chunk_size,
-                         lambda it: tqdm(it, desc="KL(π‖π_ref)", unit="batch", disable=not config.progress_bar))
+    policy = place(load_for_sampling(policy_name, model_cfg, TRUST_KEY), processes.device)
+    reference = place(load_for_sampling(config.kl.reference, model_cfg, TRUST_KEY), processes.device)
+    with _progress(len(pairs), config, "KL(π‖π_ref)", processes) as bar:
+        result = estimate_kl(policy, reference, pairs, tokenizer.pad_token_id, config.kl.batch_size,
+                             config.kl.logps_chunk_size, lambda n: bar.update(n * processes.count), processes.map)
     return {"mean": result.mean, "stderr": result.stderr, "samples": result.samples, "policy": policy_name,
             "reference": config.kl.reference, "samples_from_policy": exact}
 
@@ -220,12 +239,13 @@ def evaluate_generations(config: WinrateConfig, judge: Judge | None = None) -> d
     matched = match_prompts(model, baseline) if baseline else None  # a mismatch fails before any judging
     report: dict[str, Any] = {"model_file": model.path, "baseline_file": baseline.path if baseline else None,
                               "prompts": len(model.rows), "samples": sum(len(r.completions) for r in model.rows)}
+    processes = Processes()
     if judge is None and config.judge:
         judge = build_judge(config.judge)
     if judge is not None and judge.pointwise:
-        scores = {"model": score_file(judge, model, config)}
+        scores = {"model": score_file(judge, model, config, processes)}
         if baseline:
-            scores["baseline"] = score_file(judge, baseline, config)
+            scores["baseline"] = score_file(judge, baseline, config, processes)
         report["reward"] = {name: reward_stats(s) for name, s in scores.items()}
     if judge is not None and baseline:
         if judge.pointwise:  # sample k against sample k; zip stops at the shorter list
@@ -233,7 +253,7 @@ def evaluate_generations(config: WinrateConfig, judge: Judge | None = None) -> d
                          zip(scores["model"][m.position], scores["baseline"][b.position], strict=False)]
                         for m, b in matched]
         else:
-            verdicts = compare_files(judge, matched, config)
+            verdicts = compare_files(judge, matched, config, processes)
         b = config.bootstrap
         report["win_rate"] = win_rate(verdicts, b.samples, b.confidence, b.seed).as_dict()
     if config.lengths.enabled:
@@ -242,13 +262,15 @@ def evaluate_generations(config: WinrateConfig, judge: Judge | None = None) -> d
         if baseline:
             report["lengths"]["baseline"] = length_stats([c for r in baseline.rows for c in r.completions], tokenizer)
     if config.kl.reference:
-        report["kl"] = _kl_section(config, model)
+        report["kl"] = _kl_section(config, model, processes)
     if judge is not None:
-        judge.check_usable(f"there is no win rate or reward to report for {model.path}")
-        report["judge"] = judge.summary()
-    out = Path(config.output_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        report["judge"] = processes.sum_counts(judge.summary())
+        judge.check_usable(f"there is no win rate or reward to report for {model.path}", report["judge"])
+    if processes.is_main:
+        out = Path(config.output_file)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    processes.barrier()
     return report
 
 
@@ -261,6 +283,7 @@ def command(args: argparse.Namespace) -> int:
     else:
         with judge:
             report = evaluate_generations(config, judge)
-    print(json.dumps(report, indent=2))
-    print(f"written to {config.output_file}")
+    if Processes().is_main:
+        print(json.dumps(report, indent=2))
+        print(f"written to {config.output_file}")
     return 0

@@ -9,11 +9,16 @@ sampling settings (and whether the chat template was applied). Every finished ba
 write, then flushed and fsync'ed, so after a crash or Ctrl-C the file holds whole batches plus at most one
 partial line; rerunning the same command cuts that line off and generates only the missing prompts. A
 file written with other settings is an error rather than a silent mix of two experiments.
+
+Under ``accelerate launch`` / ``torchrun`` the batches are shared out (batch k to process k mod N, see
+``shards``); after each round of N batches the main process appends them, in prompt order, so N processes
+write the file one process writes, and resume the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +31,7 @@ from ..data import DataValidationError, read_rows
 from ..data.fields import Fields, read_content
 from ..data.report import format_problems
 from .sampling import SamplingConfig
+from .shards import Processes
 
 log = logging.getLogger("preftune")
 
@@ -108,13 +114,14 @@ def read_prompts(config: PromptsConfig) -> list[str | list[dict]]:
     return prompts[: config.limit] if config.limit else prompts
 
 
-def read_finished(path: Path) -> list[dict]:
-    """Rows already written. A partial last line (a crash mid-write) is cut off the file."""
+def read_finished(path: Path, repair: bool = True) -> list[dict]:
+    """Rows already written. A partial last line (a crash mid-write) is ignored, and cut off the file when
+    ``repair`` (the process that writes the file)."""
     if not path.exists():
         return []
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
+    if end < len(data) and repair:
         log.warning("%s: discarding a partially written last line (%d bytes)", path, len(data) - end)
         with path.open("r+b") as handle:
             handle.truncate(end)
@@ -167,26 +174,41 @@ def _use_template(tokenizer, config: PromptsConfig, prompts: list) -> bool:
     return use
 
 
-def _make_sampler(config: GenerateConfig, tokenizer, backend: str):
+def _make_sampler(config: GenerateConfig, tokenizer, backend: str, processes: Processes):
+    from .. import modeling
     from .sampling import HFSampler, VLLMSampler, load_for_sampling
 
     log.info("generating with the %s backend", backend)
     if backend == "vllm":
         return VLLMSampler(config.model.name_or_path, config.model, config.sampling)
-    import torch
-
     model = load_for_sampling(config.model.name_or_path, config.model)
-    return HFSampler(model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer, config.sampling)
+    return HFSampler(modeling.place(model, processes.device), tokenizer, config.sampling)
+
+
+def _backend(config: GenerateConfig, processes: Processes) -> str:
+    """vLLM spreads one job over GPUs itself (tensor parallelism), so one process drives it."""
+    from .sampling import pick_backend
+
+    backend = pick_backend(config.backend)  # an unusable backend is an error even when nothing is left to do
+    if backend == "vllm" and processes.count > 1:
+        if config.backend == "vllm":
+            raise ConfigError(f"config key 'backend': vllm runs as one process (it uses the GPUs itself), but "
+                              f"{processes.count} were launched; launch one process, or set backend: hf")
+        log.info("%d processes launched: generating with the hf backend, one share of the prompts each",
+                 processes.count)
+        return "hf"
+    return backend
 
 
 def generate(config: GenerateConfig, sampler=None) -> GenerateResult:
     """Run (or resume) a generation job. ``sampler`` (an ``HFSampler``-like object) skips model loading."""
     from tqdm.auto import tqdm
 
-    from .sampling import encode_prompt, load_tokenizer_for, pick_backend
+    from .sampling import encode_prompt, load_tokenizer_for
 
     _check(config)
-    backend = pick_backend(config.backend)  # an unusable backend is an error even when nothing is left to do
+    processes = Processes()
+    backend = _backend(config, processes)
     if config.sampling.temperature == 0 and config.sampling.num_samples > 1:
         log.warning("sampling.temperature is 0 (greedy): all %d completions of a prompt will be the same",
                     config.sampling.num_samples)
@@ -195,32 +217,52 @@ def generate(config: GenerateConfig, sampler=None) -> GenerateResult:
     use_template = _use_template(tokenizer, config.prompts, prompts)
     settings = {**asdict(config.sampling), "chat_template": use_template}
     out = Path(config.output_file)
-    done = finished_indices(read_finished(out), prompts, config.model.name_or_path, settings, out)
+    if processes.is_main:  # the writer repairs a partial last line before anyone reads the file
+        finished = read_finished(out)
+    processes.barrier()
+    if not processes.is_main:
+        finished = read_finished(out, repair=False)
+    done = finished_indices(finished, prompts, config.model.name_or_path, settings, out)
     pending = [i for i in range(len(prompts)) if i not in done]
     if done:
         log.info("%s: %d of %d prompts already generated; generating the other %d", out, len(done), len(prompts), len(pending))
     if pending:
         ids = {i: encode_prompt(tokenizer, prompts[i], use_template) for i in pending}
-        sampler = sampler or _make_sampler(config, tokenizer, backend)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        sampler = sampler or _make_sampler(config, tokenizer, backend, processes)
+        batches = [pending[start : start + config.batch_size] for start in range(0, len(pending), config.batch_size)]
         bar = tqdm(total=len(prompts), initial=len(done), desc="generating", unit="prompt",
-                   disable=not config.progress_bar)
-        with out.open("a", encoding="utf-8") as handle, bar:
-            for start in range(0, len(pending), config.batch_size):
-                batch = pending[start : start + config.batch_size]
-                completions = sampler.sample([ids[i] for i in batch], batch)
-                _append(handle, [
-                    {"index": i, "prompt": prompts[i], "completions": texts, "model": config.model.name_or_path,
-                     "generation": settings}
-                    for i, texts in zip(batch, completions, strict=True)
-                ])
-                bar.update(len(batch))
+                   disable=not config.progress_bar or not processes.is_main)
+        with _writer(out, processes.is_main) as handle, bar:
+            for round_batches, mine in processes.rounds(batches):
+                rows = _sample_rows(sampler, mine, ids, prompts, config.model.name_or_path, settings) if mine else []
+                merged = processes.gather(rows)  # rank order is batch order, so prompt order
+                if handle is not None:
+                    _append(handle, merged)
+                bar.update(sum(len(batch) for batch in round_batches))
     return GenerateResult(out, len(prompts), len(pending), len(done))
+
+
+def _sample_rows(sampler, batch: list[int], ids: dict, prompts: list, model: str, settings: dict) -> list[dict]:
+    completions = sampler.sample([ids[i] for i in batch], batch)
+    return [{"index": i, "prompt": prompts[i], "completions": texts, "model": model, "generation": settings}
+            for i, texts in zip(batch, completions, strict=True)]
+
+
+@contextlib.contextmanager
+def _writer(out: Path, is_main: bool):
+    """The output file opened for appending, by the main process only (None elsewhere)."""
+    if not is_main:
+        yield None
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as handle:
+        yield handle
 
 
 def command(args: argparse.Namespace) -> int:
     """The ``preftune generate`` handler."""
     result = generate(load_generate_config(args.config, args.overrides))
-    print(f"{result.output_file}: {result.prompts} prompts ({result.generated} generated now, "
-          f"{result.resumed} already there)")
+    if Processes().is_main:
+        print(f"{result.output_file}: {result.prompts} prompts ({result.generated} generated now, "
+              f"{result.resumed} already there)")
     return 0

@@ -18,6 +18,10 @@ text prompt that `generate` sampled through the chat template gives conversation
 user's message), so that training renders each prompt exactly as it was sampled. Pairs carry ``score_chosen`` and
 ``score_rejected`` too. A summary is printed and written beside the output, named after it (``pairs.jsonl`` ->
 ``pairs.summary.json``).
+
+Under ``accelerate launch`` / ``torchrun`` the judge's chunks are shared out over the processes (``shards``);
+the scores come back in order, and the main process writes the same files one process writes. Rerunning a
+job is cheap through the judges' reply cache (SQLite, shared safely by the processes).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ..data import DataValidationError, read_rows
 from ..data.fields import Fields, read_content
 from ..data.report import format_problems
 from .judges import Judge, build_judge
+from .shards import Processes
 
 # always in the summary, zeros included, so that "no ties" is visibly a count of 0
 COUNTS = ("empty_completions", "duplicate_completions", "unscored_completions", "prompts_too_few_scored",
@@ -217,34 +222,43 @@ def label(config: LabelConfig, judge: Judge | None = None) -> dict:
     from tqdm.auto import tqdm
 
     generations = read_generations(config.input_file)
+    processes = Processes()
     own_judge = judge is None
     judge = build_judge(config.judge) if own_judge else judge
-    counts: Counter = Counter(dict.fromkeys(COUNTS, 0))
-    rows: list[dict] = []
-    bar = tqdm(total=len(generations), desc="labelling", unit="prompt", disable=not config.progress_bar)
+    chunks = [generations[start : start + config.chunk_size] for start in range(0, len(generations), config.chunk_size)]
+    bar = tqdm(total=len(generations), desc="labelling", unit="prompt",
+               disable=not config.progress_bar or not processes.is_main)
+
+    def judge_chunk(chunk: list[Generation]) -> list[list[float | None]]:
+        scores = score_chunk(judge, [g.prompt for g in chunk], [candidates(g, Counter()) for g in chunk])
+        bar.update(len(chunk) * processes.count)  # the other processes judge alongside
+        return scores
+
     try:
-        for start in range(0, len(generations), config.chunk_size):
-            chunk = generations[start : start + config.chunk_size]
-            texts = [candidates(g, counts) for g in chunk]
-            scores = score_chunk(judge, [g.prompt for g in chunk], texts)
-            for gen, ts, ss in zip(chunk, texts, scores, strict=True):
-                rows += label_rows(config, gen, ts, ss, counts)
-            bar.update(len(chunk))
+        scores = processes.map(chunks, judge_chunk)
+        judge_summary = processes.sum_counts(judge.summary())
     finally:
         bar.close()
         if own_judge:
             judge.close()
+    counts: Counter = Counter(dict.fromkeys(COUNTS, 0))
+    rows: list[dict] = []
+    for chunk, chunk_scores in zip(chunks, scores, strict=True):
+        for gen, ss in zip(chunk, chunk_scores, strict=True):
+            rows += label_rows(config, gen, candidates(gen, counts), ss, counts)
     if not rows:
-        judge.check_usable(f"no rows were written to {config.output_file}")
+        judge.check_usable(f"no rows were written to {config.output_file}", judge_summary)
         counted = ", ".join(f"{k}: {v}" for k, v in counts.items() if v) or "nothing scored"
         raise ValueError(f"{config.input_file}: labelling gave no {config.format} rows to write ({counted}); "
                          f"nothing was written to {config.output_file}")
     output = Path(config.output_file)
-    write_jsonl(output, rows)
     summary = {"input_file": str(config.input_file), "output_file": str(output), "format": config.format,
                "prompts": len(generations), "completions": sum(len(g.completions) for g in generations),
-               "rows_written": len(rows), **dict(counts), "judge": judge.summary()}
-    write_json(summary_path(output), summary)
+               "rows_written": len(rows), **dict(counts), "judge": judge_summary}
+    if processes.is_main:
+        write_jsonl(output, rows)
+        write_json(summary_path(output), summary)
+    processes.barrier()  # the files exist for every process once label() returns
     return summary
 
 
@@ -263,6 +277,7 @@ def command(args: argparse.Namespace) -> int:
     judge = build_judge(config.judge)  # before reading anything large: config errors come first
     with judge:
         summary = label(config, judge)
-    print(format_summary(summary))
-    print(f"summary: {summary_path(Path(summary['output_file']))}")
+    if Processes().is_main:
+        print(format_summary(summary))
+        print(f"summary: {summary_path(Path(summary['output_file']))}")
     return 0

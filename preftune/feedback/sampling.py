@@ -40,38 +40,18 @@ def batch_seed(seed: int, first_index: int) -> int:
     return random.Random(f"{seed}:{first_index}").getrandbits(63)
 
 
-def adapter_base(path: Path) -> str | None:
-    """The base model a PEFT adapter folder names, or None when ``path`` is not an adapter folder."""
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        return None
-    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{config_file} names no base_model_name_or_path; cannot tell which model it adapts")
-    return base
+adapter_base = modeling.adapter_base  # where a PEFT adapter folder's base is, or None for a model folder
 
 
 def load_for_sampling(name_or_path: str, model_cfg: ModelConfig, key: str = modeling.TRUST_KEY) -> nn.Module:
     """A full model folder, or a PEFT adapter folder merged into its base (merging makes every generated
     token as cheap as with the plain model)."""
-    path = Path(modeling.resolve(name_or_path))
-    base = adapter_base(path)
-    if base is None:
-        model = modeling.load_causal_lm(str(path), model_cfg, key=key)
-    else:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(modeling.load_causal_lm(base, model_cfg, key=key), str(path)).merge_and_unload()
-    return model.eval()
+    return modeling.load_merged(name_or_path, model_cfg, key=key)
 
 
 def load_tokenizer_for(name_or_path: str, trust_remote_code: bool = False, key: str = modeling.TRUST_KEY):
     """The adapter folder's own tokenizer when it saved one (preftune's final/ does), else the base's."""
-    path = Path(modeling.resolve(name_or_path))
-    base = adapter_base(path)
-    if base is not None and not (path / "tokenizer_config.json").is_file():
-        return modeling.load_tokenizer(base, trust_remote_code, key)
-    return modeling.load_tokenizer(str(path), trust_remote_code, key)
+    return modeling.load_tokenizer(name_or_path, trust_remote_code, key)
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict], use_template: bool) -> list[int]:

@@ -1,5 +1,8 @@
 """``final/``: a folder ``AutoModelForCausalLM.from_pretrained`` loads (or a PEFT adapter naming its base),
-with the tokenizer, the resolved config and a model card recording data, objective, settings and metrics."""
+with the tokenizer, the resolved config and a model card recording data, objective, settings and metrics.
+
+Local paths recorded there (an adapter's base, the starting model and reference in ``preftune_config.yaml``)
+are absolute, so that ``final/`` loads and ``preftune eval`` finds its reference from any directory."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import Config, to_dict
-from ..modeling import resolve
+from ..modeling import adapter_base, portable_path, resolve
 
 
 def _latest(history: list[dict], prefix: str) -> dict[str, float]:
@@ -80,7 +83,7 @@ def export_final(config: Config, model: nn.Module, tokenizer, run_dir: Path, his
     if value_head is not None:  # DRO's V(x), on the policy's last prompt hidden state
         save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
                   str(tmp / "value_head.safetensors"))
-    (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(_record(config), sort_keys=False), encoding="utf-8")
     (tmp / "README.md").write_text(model_card(config, history, data, objective), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
@@ -88,9 +91,21 @@ def export_final(config: Config, model: nn.Module, tokenizer, run_dir: Path, his
     return final
 
 
+def _record(config: Config) -> dict:
+    """The run's config with its starting model and reference as paths that work from any directory."""
+    record = to_dict(config)
+    record["model"]["name_or_path"] = portable_path(config.model.name_or_path)
+    if config.reference.name_or_path:
+        record["reference"]["name_or_path"] = portable_path(config.reference.name_or_path)
+    return record
+
+
 def _point_adapter_at_base(folder: Path, config: Config) -> None:
-    """PEFT records the base model's path; make it the resolved local folder so the adapter loads offline."""
+    """PEFT records the base model's path; make it the resolved local folder, absolute, so the adapter loads
+    offline and from any directory. A run that started from an adapter adapts that adapter's base (never
+    the quantized weights: quantization is a loading choice, not part of the base)."""
     path = folder / "adapter_config.json"
     adapter = json.loads(path.read_text(encoding="utf-8"))
-    adapter["base_model_name_or_path"] = resolve(config.model.name_or_path)
+    start = resolve(config.model.name_or_path)
+    adapter["base_model_name_or_path"] = portable_path(adapter_base(Path(start)) or start)
     path.write_text(json.dumps(adapter, indent=2), encoding="utf-8")

@@ -154,6 +154,8 @@ class Loop:
         extra, tensors = self.task.checkpoint_state()
         state = {"epoch": self.schedule.epoch_of(step), "total_steps": self.total_steps, **extra,
                  "fingerprint": self.fingerprint, "logging_window": self.stats.state()}
+        if self.accelerator.scaler is not None:  # fp16: the loss scale is part of exact resume
+            state["grad_scaler"] = self.accelerator.scaler.state_dict()
         path = save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.module), self.optimizer,
                                self.scheduler, state, self.config.save_total_limit, tensors=tensors)
         log.info("checkpoint written: %s", path)
@@ -168,6 +170,8 @@ class Loop:
                         change)
         self.task.restore_state(restored, restored["tensors"])
         self.stats = MeanAccumulator.from_state(restored.get("logging_window"))
+        if self.accelerator.scaler is not None and "grad_scaler" in restored:
+            self.accelerator.scaler.load_state_dict(restored["grad_scaler"])
         log.info("resumed from %s at step %d of %d", checkpoint, restored["step"], self.total_steps)
         return restored["step"]
 
@@ -254,13 +258,24 @@ class Loop:
             tokens += batch_tokens
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = self.accelerator.clip_grad_norm_(self.module.parameters(), max_norm)
-        if not finite(grad_norm):
+        if not finite(grad_norm) and not self._scaler_skips(step):
             raise NonFiniteLossError(self._nonfinite_message(step, "gradient norm", float(grad_norm)))
-        stats.add_mean("grad_norm", float(grad_norm), 1)
+        if finite(grad_norm):
+            stats.add_mean("grad_norm", float(grad_norm), 1)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return tokens
+
+    def _scaler_skips(self, step: int) -> bool:
+        """fp16: scaled gradients overflowed. The gradient scaler skips this update and halves its scale (as
+        in every AMP loop); only gradients that overflow unscaled (scale <= 1) are a real failure."""
+        scaler = self.accelerator.scaler
+        if scaler is None or scaler.get_scale() <= 1.0:
+            return False
+        log.warning("step %d: fp16 gradients overflowed at loss scale %g; this update is skipped and the scale "
+                    "lowered", step + 1, scaler.get_scale())
+        return True
 
     def _nonfinite_message(self, step: int, what: str, value: float) -> str:
         last = latest_checkpoint(self.run_dir)

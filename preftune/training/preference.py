@@ -162,8 +162,9 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
         accelerator = modeling.make_accelerator(config.training.precision)
         tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         data = tokenize_splits(config, splits, tokenizer, run_dir)
-        policy = modeling.load_policy(config).to(accelerator.device)
+        policy = modeling.place(modeling.load_policy(config), accelerator.device)
         trainable, total = modeling.count_parameters(policy)
-        log.info("policy: %s, %d of %d parameters trainable", config.model.name_or_path, trainable, total)
+        log.info("policy: %s%s, %d of %d parameters trainable", config.model.name_or_path,
+                 f" ({config.model.quantization} quantized)" if config.model.quantization else "", trainable, total)
         task = PreferenceTask(config, objective, tokenizer, policy, data, splits.shape)
         return Loop(config.training, task, accelerator, run_dir).fit()

@@ -1,4 +1,5 @@
-"""Reference log-probs: a frozen model, the policy with its LoRA adapters disabled, or an on-disk cache.
+"""Reference log-probs: a frozen model, the policy with its LoRA adapters disabled (or, when training
+started from an adapter, with that starting adapter swapped back in), or an on-disk cache.
 
 Every reference answers one question: the summed completion log-probs ``(N,)`` of a batch's rows (for pairs:
 chosen rows then rejected rows) under the reference policy, without gradients. ``build_reference`` picks the
@@ -48,6 +49,10 @@ class ModelReference:
         """This reference seen position by position (token-level objectives)."""
         return TokenReference(self.model)
 
+    def weights_digest(self) -> str:
+        """What the reference computes with, for the precomputed cache's key."""
+        return weights_digest(self.model)
+
 
 class AdapterOffReference(ModelReference):
     """The policy itself with its LoRA adapters disabled: the starting model, with no second copy in memory."""
@@ -69,6 +74,49 @@ class AdapterOffReference(ModelReference):
         return TokenReference(self.model, disable=self.model.disable_adapter)
 
 
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if "lora_" in name and p.requires_grad}
+
+
+class AdapterSwapReference(ModelReference):
+    """The policy with the LoRA adapter it started from swapped in: the SFT model when DPO trains an SFT
+    adapter further (no second copy of the base weights, one copy of the adapter's)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int, autocast):
+        super().__init__(model, chunk_size, autocast)
+        self.adapter = {name: p.detach().clone() for name, p in lora_parameters(model).items()}
+
+    @contextlib.contextmanager
+    def swapped(self):
+        params = lora_parameters(self.model)
+        saved = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(self.adapter[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
+
+    @torch.no_grad()
+    def __call__(self, batch) -> Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.swapped():
+                return super().__call__(batch)
+        finally:
+            self.model.train(was_training)
+
+    def token_level(self) -> TokenReference:
+        return TokenReference(self.model, disable=self.swapped)
+
+    def weights_digest(self) -> str:
+        return weights_digest(self.model, self.adapter)
+
+
 class CachedReference:
     """Reference log-probs computed once for every completion of a split, looked up by (example, slot)."""
 
@@ -84,12 +132,13 @@ class CachedReference:
         pass
 
 
-def weights_digest(model: nn.Module) -> str:
-    """sha256 of every weight the reference computes with (LoRA adapter weights excluded: they are off)."""
+def weights_digest(model: nn.Module, adapter: dict[str, Tensor] | None = None) -> str:
+    """sha256 of every weight the reference computes with: the model's without its LoRA weights (they are
+    off), plus the ``adapter`` tensors swapped in, if any."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
+    tensors = {name: t for name, t in model.state_dict().items() if "lora_" not in name}
+    tensors.update({f"adapter/{name}": t for name, t in (adapter or {}).items()})
+    for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -131,13 +180,16 @@ def precompute(
 
 
 def build_reference(config: Config, objective, policy: nn.Module, autocast) -> ModelReference | None:
-    """The live reference ``objective`` (a plan) needs: adapters off (LoRA), another model, or a frozen copy."""
+    """The live reference ``objective`` (a plan) needs: another model; with LoRA, the policy with the adapter
+    it started from (an SFT adapter) or with adapters off; or a frozen copy."""
     if not objective.needs_reference:
         return None
     chunk = config.training.logps_chunk_size
     if config.reference.name_or_path:
-        model = modeling.load_frozen(config.reference.name_or_path, config.model)
-        return ModelReference(model.to(next(policy.parameters()).device), chunk, autocast)
+        model = modeling.load_frozen(config.reference.name_or_path, config.model, precision=config.training.precision)
+        return ModelReference(modeling.place(model, next(policy.parameters()).device), chunk, autocast)
+    if config.lora.enabled and modeling.is_adapter(config.model.name_or_path):
+        return AdapterSwapReference(policy, chunk, autocast)
     if config.lora.enabled:
         return AdapterOffReference(policy, chunk, autocast)
     return ModelReference(modeling.frozen_copy(policy), chunk, autocast)
@@ -148,7 +200,7 @@ def precompute_reference(
     device: torch.device, split: str, progress,
 ) -> CachedReference:
     """Reference log-probs of a whole split, cached on disk under a hash of everything they depend on."""
-    key = cache_key(weights_digest(reference.model), content_hash(examples),
+    key = cache_key(reference.weights_digest(), content_hash(examples),
                     f"{config.training.precision}|{config.model.dtype}")
     cache_file = Path(config.reference.cache_dir).expanduser() / f"{key}.safetensors"
     size = max(ex.index for ex in examples) + 1

@@ -10,58 +10,19 @@ approximation other libraries make for soft ones.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 from torch import Tensor, nn
 
-from .logps import TokenReference
-from .reference import ModelReference
+from .reference import AdapterSwapReference, ModelReference, lora_parameters
 
 log = logging.getLogger("preftune")
 
 
-def _lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if "lora_" in name and p.requires_grad}
-
-
-class AdapterSwapReference(ModelReference):
-    """The policy with a reference LoRA adapter swapped in (no second copy of the base weights)."""
-
-    def __init__(self, model: nn.Module, chunk_size: int, autocast):
-        super().__init__(model, chunk_size, autocast)
-        self.adapter = {name: p.detach().clone() for name, p in _lora_parameters(model).items()}
-
-    @contextlib.contextmanager
-    def swapped(self):
-        params = _lora_parameters(self.model)
-        saved = {name: p.detach().clone() for name, p in params.items()}
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(self.adapter[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(saved[name])
-
-    @torch.no_grad()
-    def __call__(self, batch) -> Tensor:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.swapped():
-                return super().__call__(batch)
-        finally:
-            self.model.train(was_training)
-
-    def token_level(self) -> TokenReference:
-        return TokenReference(self.model, disable=self.swapped)
-
-    def release(self) -> None:
-        self.model = None
+class SyncingAdapterReference(AdapterSwapReference):
+    """A reference LoRA adapter swapped into the policy (no second copy of the base weights), mixed towards
+    the policy's adapter at each sync."""
 
     def state(self) -> dict[str, Tensor]:
         return dict(self.adapter)
@@ -71,7 +32,7 @@ class AdapterSwapReference(ModelReference):
 
     @torch.no_grad()
     def sync(self, policy: nn.Module, alpha: float) -> None:
-        for name, p in _lora_parameters(policy).items():
+        for name, p in lora_parameters(policy).items():
             self.adapter[name].mul_(1 - alpha).add_(p.detach(), alpha=alpha)
 
 
@@ -99,5 +60,5 @@ class CopySyncReference(ModelReference):
 def syncing_reference(reference: ModelReference, lora: bool) -> ModelReference:
     """Turn the live reference built for training into one that TR-DPO can update."""
     if lora:
-        return AdapterSwapReference(reference.model, reference.chunk_size, reference.autocast)
+        return SyncingAdapterReference(reference.model, reference.chunk_size, reference.autocast)
     return CopySyncReference(reference.model, reference.chunk_size, reference.autocast)

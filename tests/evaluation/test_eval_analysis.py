@@ -47,14 +47,15 @@ def test_likelihood_length_metrics_from_recorded_batches():
     assert likelihood_length_metrics([]) == {}
 
 
-def test_preftune_eval_adds_the_simpo_analysis(base_config, tiny_model_dir):
+def test_preftune_eval_adds_the_simpo_analysis(base_config, tiny_model_dir, other_model_dir):
     """Independently: tokenize the held-out pairs, score every completion from the model's full logits,
-    then rank-correlate average log-likelihood with length."""
+    then rank-correlate average log-likelihood with length. (A full model needs a reference to be named.)"""
     from transformers import AutoModelForCausalLM
 
     from preftune import modeling
     from preftune.evaluation.heldout import evaluate_model
 
+    base_config["reference"]["name_or_path"] = str(other_model_dir)
     config = config_from_dict(base_config)
     metrics = evaluate_model(config)
     from preftune.evaluation.heldout import report_path

@@ -65,14 +65,20 @@ def sequence_logps(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]
 
 
 def estimate_kl(policy: nn.Module, reference: nn.Module, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                batch_size: int = 8, chunk_size: int = 1024, progress=None) -> SequenceKL:
-    """Mean over samples of log π(y|x) - log π_ref(y|x); both models must share the tokenizer."""
-    ratios = []
-    starts = range(0, len(pairs), batch_size)
-    for start in progress(starts) if progress else starts:
-        part = pairs[start : start + batch_size]
-        ratios.append(sequence_logps(policy, part, pad_id, batch_size, chunk_size)
-                      - sequence_logps(reference, part, pad_id, batch_size, chunk_size))
+                batch_size: int = 8, chunk_size: int = 1024, progress=None, map_batches=None) -> SequenceKL:
+    """Mean over samples of log π(y|x) - log π_ref(y|x); both models must share the tokenizer.
+    ``map_batches(batches, fn)`` runs ``fn`` over the batches (default: here, in order); the processes of a
+    launched job pass theirs to share them out (``feedback.shards``)."""
+    batches = [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
+
+    def log_ratios(part) -> Tensor:
+        ratios = (sequence_logps(policy, part, pad_id, batch_size, chunk_size)
+                  - sequence_logps(reference, part, pad_id, batch_size, chunk_size))
+        if progress is not None:
+            progress(len(part))
+        return ratios
+
+    ratios = map_batches(batches, log_ratios) if map_batches else [log_ratios(part) for part in batches]
     values = torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
     n = values.numel()
     stderr = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan

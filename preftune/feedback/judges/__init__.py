@@ -73,9 +73,10 @@ class Judge(ABC):
         with self._lock:
             return dict(self._examples)
 
-    def check_usable(self, what: str) -> None:
-        """Raise ``NoUsableJudgements`` when every item the judge was asked about got no result."""
-        counts = self.summary()
+    def check_usable(self, what: str, counts: dict[str, int] | None = None) -> None:
+        """Raise ``NoUsableJudgements`` when every item the judge was asked about got no result (``counts``: the
+        summary to judge by, e.g. summed over processes; this judge's own by default)."""
+        counts = self.summary() if counts is None else counts
         if counts.get("judged") and counts.get("no_result") == counts["judged"]:
             why = ", ".join(f"{counts[k]} {k}" for k in ("unparsable", "failed", "too_large") if counts.get(k))
             shown = "; ".join(f"first {k}: {v!r}" for k, v in self.examples().items())

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from ...config import ConfigError
+from ...modeling import process_device
 from ...reward.model import RewardModel, encode, load_reward_tokenizer, pad_batch, render
 from . import PointwiseJudge, Prompt, check_lengths
 
@@ -47,7 +48,7 @@ class RewardModelJudge(PointwiseJudge):
             raise ConfigError(f"config key 'judge.path': {exc}") from exc
         if config.include_prompt is not None:
             self.model.meta = dataclasses.replace(self.model.meta, include_prompt=config.include_prompt)
-        self.model.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(process_device())  # each launched process its own GPU
         self.tokenizer = load_reward_tokenizer(config.path, config.trust_remote_code, TRUST_KEY)
 
     @torch.no_grad()
