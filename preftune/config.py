@@ -54,10 +54,20 @@ class ReferenceConfig:
 
 @dataclass
 class DataConfig:
-    train_file: str = ""  # .jsonl, .json, .parquet, .csv or a datasets.save_to_disk folder
+    # .jsonl, .json, .parquet, .csv, a datasets folder (save_to_disk, or data files), or a hub dataset name
+    # (owner/name), read offline-first from the local datasets cache
+    train_file: str = ""
     eval_file: str | None = None
     eval_fraction: float = 0.0  # held out from train_file when eval_file is not given
-    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the file
+    split: str | None = None  # a dataset's split to train on (any name: train_prefs); default train
+    eval_split: str | None = None  # held-out split (of eval_file, else of train_file); default test/validation
+    subset: str | None = None  # a dataset's configuration (load_dataset's second argument)
+    data_dir: str | None = None  # a dataset's folder of data files (load_dataset's data_dir)
+    # canonical name -> column in the file, or a path into nested fields: info.post, summaries[choice].text
+    columns: dict[str, str] = field(default_factory=dict)
+    row_mapper: str | None = None  # "module:function" or "file.py:function" rewriting each row (a dict) first
+    # read rows from disk when needed instead of holding the file in memory (.jsonl, .parquet, datasets)
+    streaming: bool = False
     max_length: int | None = 1024  # prompt + completion tokens
     max_prompt_length: int | None = 512  # the prompt keeps its end; unset: 512 or max_length // 2 if smaller
     on_invalid: Literal["error", "skip"] = "error"  # skip: bad rows are counted and written to a report
@@ -371,6 +381,14 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1), got {d.eval_fraction}")
     if d.eval_file and d.eval_fraction:
         raise ConfigError("give either 'data.eval_file' or 'data.eval_fraction', not both")
+    if d.eval_split and d.eval_fraction:
+        raise ConfigError("give either 'data.eval_split' or 'data.eval_fraction', not both")
+    if d.streaming and d.ranked_to_pairs:
+        raise ConfigError("'data.streaming' reads one row per example, but 'data.ranked_to_pairs' makes several "
+                          "pairs of each row: turn one of them off")
+    if d.streaming and isinstance(t.stages, int):
+        raise ConfigError("'data.streaming' with 'training.stages: N': the stage files are cut from rows held in "
+                          "memory; give the stages as a list of files, or turn streaming off")
     _positive("lora.r", config.lora.r, allow_none=False)
     _positive("reference.sync_steps", config.reference.sync_steps)
     if not 0 < config.reference.sync_alpha <= 1:
