@@ -134,7 +134,12 @@ class LoopConfig:
     save_total_limit: int | None = 2
     resume: str = "auto"  # auto | never | path to a checkpoint folder
     progress_bar: bool = True
-    tensorboard: bool = True
+    # experiment trackers, through accelerate, with the metric names of metrics.jsonl
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=lambda: ["tensorboard"])
+    tensorboard: bool = True  # false leaves tensorboard out of report_to
+    tracker_project: str = "preftune"  # wandb / trackio project, mlflow experiment, tensorboard/<project>/
+    tracker_kwargs: dict[str, Any] = field(default_factory=dict)  # per tracker: {wandb: {mode: offline}, ...}
 
 
 @dataclass
@@ -142,6 +147,9 @@ class TrainingConfig(LoopConfig):
     # sDPO: N consecutive parts of the train split (or a list of files), each stage's model the next's reference
     stages: int | list[str] | None = None
     logps_chunk_size: int = 1024  # completion positions projected to the vocabulary at once
+    # at each evaluation, greedy generations for this many fixed held-out prompts -> samples.jsonl + trackers
+    sample_prompts: int = 0
+    sample_max_new_tokens: int = 64
 
 
 @dataclass
@@ -359,6 +367,10 @@ def validate_loop(t: LoopConfig, section: str = "training") -> None:
     _positive(f"{section}.epochs", t.epochs, allow_none=False)
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"config key '{section}.warmup_ratio': must be in [0, 1), got {t.warmup_ratio}")
+    unknown = sorted(set(t.tracker_kwargs) - {"tensorboard", "wandb", "mlflow", "trackio"})
+    if unknown or not all(isinstance(v, dict) for v in t.tracker_kwargs.values()):
+        raise ConfigError(f"config key '{section}.tracker_kwargs': expected a mapping from tensorboard, wandb, "
+                          f"mlflow or trackio to that tracker's arguments, got {t.tracker_kwargs!r}")
     if t.warmup_steps < 0:
         raise ConfigError(f"config key '{section}.warmup_steps': must be >= 0, got {t.warmup_steps}")
 
@@ -368,6 +380,9 @@ def validate(config: Config) -> None:
     t, d = config.training, config.data
     validate_loop(t)
     _positive("training.logps_chunk_size", t.logps_chunk_size, allow_none=False)
+    _positive("training.sample_max_new_tokens", t.sample_max_new_tokens, allow_none=False)
+    if t.sample_prompts < 0:
+        raise ConfigError(f"config key 'training.sample_prompts': must be >= 0, got {t.sample_prompts}")
     if isinstance(t.stages, int) and t.stages < 1:
         raise ConfigError(f"config key 'training.stages': must be >= 1 or a list of data files, got {t.stages}")
     for key in ("max_length", "max_prompt_length", "max_errors_reported"):

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -126,14 +127,21 @@ def load_frozen(name_or_path: str, model_cfg: ModelConfig, key: str = TRUST_KEY)
     return model
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, log_with: list[str] = (), run_dir=None):
     """A fresh Accelerator for this run. accelerate keeps process-wide state that refuses a second run with
-    another precision (a notebook training fp32 then bf16): reset that part, never the distributed one."""
+    another precision (a notebook training fp32 then bf16): reset that part, never the distributed one.
+    ``log_with``: the experiment trackers (``training.metrics.tracker_names``); TensorBoard writes under
+    ``run_dir/tensorboard/``."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", step_scheduler_with_optimizer=False)
+    project = None
+    if run_dir is not None:
+        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "tensorboard"))
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", step_scheduler_with_optimizer=False,
+                       log_with=list(log_with) or None, project_config=project)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

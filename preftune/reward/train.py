@@ -29,7 +29,7 @@ from .. import modeling
 from ..atomic import write_json
 from ..config import ConfigError, LoopConfig, LoraConfig, beside, load_section, validate_loop
 from ..training.loop import Loop, run_log
-from ..training.metrics import MeanAccumulator
+from ..training.metrics import MeanAccumulator, tracker_names
 from .data import (
     Group,
     RewardDataConfig,
@@ -262,7 +262,7 @@ def train_reward(config: RewardConfig) -> RewardResult:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False),
                                              encoding="utf-8")
         torch.manual_seed(t.seed)
-        accelerator = modeling.make_accelerator(t.precision)
+        accelerator = modeling.make_accelerator(t.precision, tracker_names(t), run_dir)
         model = build_model(config, t.seed).to(accelerator.device)
         tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path), config.model.trust_remote_code)
         model.meta.chat_template = resolved_chat_template(config.data, splits.train + splits.eval, tokenizer)
