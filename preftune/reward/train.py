@@ -92,6 +92,8 @@ def check(config: RewardConfig) -> None:
         raise ConfigError(f"config key 'model.max_length': must be >= 2, got {config.model.max_length}")
     if not 0 <= config.data.eval_fraction < 1:
         raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1), got {config.data.eval_fraction}")
+    if config.data.eval_split and config.data.eval_fraction:
+        raise ConfigError("give either 'data.eval_split' or 'data.eval_fraction', not both")
     if config.lora.enabled and config.model.freeze_backbone:
         raise ConfigError("'lora.enabled' trains adapters on the backbone, 'model.freeze_backbone' freezes it: "
                           "choose one")

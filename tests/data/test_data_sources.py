@@ -45,6 +45,9 @@ def test_hub_dataset_by_name_with_any_split_names_offline(hub_cache):
     name = "TinyOrg/ultrafeedback_tiny"
     assert splits.train == [expected_pair(f"{name}[train_prefs]:row {i}", i) for i in range(3)]
     assert splits.eval == [expected_pair(f"{name}[test_prefs]:row 0", 9)]
+    streamed = load_examples(DataConfig(train_file=name, split="train_prefs", eval_split="test_prefs",
+                                        streaming=True), "pairs")
+    assert list(streamed.train) == splits.train and list(streamed.eval) == splits.eval
     # a slice of a split, as datasets writes it
     sliced = load_examples(DataConfig(train_file=name, split="train_prefs[1:]"), "pairs")
     assert [e.source for e in sliced.train] == [f"{name}[train_prefs[1:]]:row 0", f"{name}[train_prefs[1:]]:row 1"]
