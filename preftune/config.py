@@ -62,10 +62,20 @@ class ReferenceConfig:
 
 @dataclass
 class DataConfig:
-    train_file: str = ""  # .jsonl, .json, .parquet, .csv or a datasets.save_to_disk folder
+    # .jsonl, .json, .parquet, .csv, a datasets folder (save_to_disk, or data files), or a hub dataset name
+    # (owner/name), read offline-first from the local datasets cache
+    train_file: str = ""
     eval_file: str | None = None
     eval_fraction: float = 0.0  # held out from train_file when eval_file is not given
-    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the file
+    split: str | None = None  # a dataset's split to train on (any name: train_prefs); default train
+    eval_split: str | None = None  # held-out split (of eval_file, else of train_file); default test/validation
+    subset: str | None = None  # a dataset's configuration (load_dataset's second argument)
+    data_dir: str | None = None  # a dataset's folder of data files (load_dataset's data_dir)
+    # canonical name -> column in the file, or a path into nested fields: info.post, summaries[choice].text
+    columns: dict[str, str] = field(default_factory=dict)
+    row_mapper: str | None = None  # "module:function" or "file.py:function" rewriting each row (a dict) first
+    # read rows from disk when needed instead of holding the file in memory (.jsonl, .parquet, datasets)
+    streaming: bool = False
     max_length: int | None = 1024  # prompt + completion tokens
     max_prompt_length: int | None = 512  # the prompt keeps its end; unset: 512 or max_length // 2 if smaller
     on_invalid: Literal["error", "skip"] = "error"  # skip: bad rows are counted and written to a report
@@ -133,7 +143,12 @@ class LoopConfig:
     save_total_limit: int | None = 2
     resume: str = "auto"  # auto | never | path to a checkpoint folder
     progress_bar: bool = True
-    tensorboard: bool = True
+    # experiment trackers, through accelerate, with the metric names of metrics.jsonl
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=lambda: ["tensorboard"])
+    tensorboard: bool = True  # false leaves tensorboard out of report_to
+    tracker_project: str = "preftune"  # wandb / trackio project, mlflow experiment, tensorboard/<project>/
+    tracker_kwargs: dict[str, Any] = field(default_factory=dict)  # per tracker: {wandb: {mode: offline}, ...}
 
 
 @dataclass
@@ -141,6 +156,9 @@ class TrainingConfig(LoopConfig):
     # sDPO: N consecutive parts of the train split (or a list of files), each stage's model the next's reference
     stages: int | list[str] | None = None
     logps_chunk_size: int = 1024  # completion positions projected to the vocabulary at once
+    # at each evaluation, greedy generations for this many fixed held-out prompts -> samples.jsonl + trackers
+    sample_prompts: int = 0
+    sample_max_new_tokens: int = 64
 
 
 @dataclass
@@ -400,6 +418,10 @@ def validate_loop(t: LoopConfig, section: str = "training") -> None:
     _positive(f"{section}.epochs", t.epochs, allow_none=False)
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"config key '{section}.warmup_ratio': must be in [0, 1), got {t.warmup_ratio}")
+    unknown = sorted(set(t.tracker_kwargs) - {"tensorboard", "wandb", "mlflow", "trackio"})
+    if unknown or not all(isinstance(v, dict) for v in t.tracker_kwargs.values()):
+        raise ConfigError(f"config key '{section}.tracker_kwargs': expected a mapping from tensorboard, wandb, "
+                          f"mlflow or trackio to that tracker's arguments, got {t.tracker_kwargs!r}")
     if t.warmup_steps < 0:
         raise ConfigError(f"config key '{section}.warmup_steps': must be >= 0, got {t.warmup_steps}")
 
@@ -425,6 +447,9 @@ def validate(config: Config) -> None:
     t, d = config.training, config.data
     validate_loop(t)
     _positive("training.logps_chunk_size", t.logps_chunk_size, allow_none=False)
+    _positive("training.sample_max_new_tokens", t.sample_max_new_tokens, allow_none=False)
+    if t.sample_prompts < 0:
+        raise ConfigError(f"config key 'training.sample_prompts': must be >= 0, got {t.sample_prompts}")
     if isinstance(t.stages, int) and t.stages < 1:
         raise ConfigError(f"config key 'training.stages': must be >= 1 or a list of data files, got {t.stages}")
     for key in ("max_length", "max_prompt_length", "max_errors_reported"):
@@ -438,6 +463,14 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1), got {d.eval_fraction}")
     if d.eval_file and d.eval_fraction:
         raise ConfigError("give either 'data.eval_file' or 'data.eval_fraction', not both")
+    if d.eval_split and d.eval_fraction:
+        raise ConfigError("give either 'data.eval_split' or 'data.eval_fraction', not both")
+    if d.streaming and d.ranked_to_pairs:
+        raise ConfigError("'data.streaming' reads one row per example, but 'data.ranked_to_pairs' makes several "
+                          "pairs of each row: turn one of them off")
+    if d.streaming and isinstance(t.stages, int):
+        raise ConfigError("'data.streaming' with 'training.stages: N': the stage files are cut from rows held in "
+                          "memory; give the stages as a list of files, or turn streaming off")
     _positive("lora.r", config.lora.r, allow_none=False)
     _check_quantization(config)
     _positive("reference.sync_steps", config.reference.sync_steps)

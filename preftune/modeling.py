@@ -272,21 +272,28 @@ def launched_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def make_accelerator(precision: str, key: str = "training.precision"):
+def make_accelerator(precision: str, log_with: list[str] = (), run_dir=None, key: str = "training.precision"):
     """A fresh Accelerator for this run. accelerate keeps process-wide state that refuses a second run with
     another precision (a notebook training fp32 then bf16): reset that part, never the distributed one.
+    ``log_with``: the experiment trackers (``training.metrics.tracker_names``); TensorBoard writes under
+    ``run_dir/tensorboard/``.
 
     fp16 is autocast plus a gradient scaler, which accelerate sets up on GPUs only: on a CPU it would train
     in fp32 without saying so, so it is refused there."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
 
     AcceleratorState._reset_state(reset_partial_state=False)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     if mixed == "fp16" and process_device().type == "cpu":
         raise ConfigError(f"config key '{key}': fp16 needs a GPU (accelerate runs fp16 autocast with a gradient "
                           "scaler only there; on a CPU the run would silently stay fp32); use bf16 or fp32")
-    return Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False, cpu=launched_on_cpu())
+    project = None
+    if run_dir is not None:
+        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "tensorboard"))
+    return Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False, cpu=launched_on_cpu(),
+                       log_with=list(log_with) or None, project_config=project)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

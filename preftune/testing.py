@@ -80,3 +80,28 @@ def save_tiny_model(folder: Path, vocab_size: int = 512, seed: int = 0) -> Path:
     tiny_llama(vocab_size, seed).save_pretrained(folder)
     tiny_tokenizer(vocab_size).save_pretrained(folder)
     return folder
+
+
+def cache_hub_dataset(name: str, splits: dict[str, list[dict]], cache_dir: Path, subset: str = "default") -> Path:
+    """Write ``splits`` (split name -> rows) into a datasets cache folder the way ``datasets.load_dataset(name)``
+    leaves a hub dataset it downloaded (``<owner>___<name>/<subset>/0.0.0/<revision>/``), so that with
+    ``HF_HUB_OFFLINE=1`` and that cache, ``load_dataset(name, subset, split=...)`` finds it without a network.
+    Built with datasets' own JSON builder; returns the prepared folder."""
+    import json
+    import tempfile
+
+    from datasets.naming import camelcase_to_snakecase
+    from datasets.packaged_modules.json.json import Json
+
+    owner, _, dataset = name.rpartition("/")
+    snake = camelcase_to_snakecase(dataset)
+    sources = Path(tempfile.mkdtemp(prefix="hub-source-"))
+    files = {}
+    for split, rows in splits.items():
+        files[split] = str(sources / f"{split}.jsonl")
+        Path(files[split]).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    folder = Path(cache_dir) / ("___".join(filter(None, (owner, snake)))) / subset / "0.0.0" / ("0" * 40)
+    builder = Json(cache_dir=str(sources / "build"), dataset_name=snake, config_name=subset, config_id=subset,
+                   data_files=files)
+    builder.download_and_prepare(output_dir=str(folder))
+    return folder

@@ -36,7 +36,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 
 @pytest.mark.parametrize(("command", "present", "absent"), [
     ("sft", ["objective.name = 'sft'", "objective.<parameter>"], ["objective.name = 'dpo'", "objective.beta"]),
-    ("label", ["judge.type = one of function, reward_model, chat_model, http", "judge.path = ''",
+    ("label", ["judge.type = one of function, reward_model, sequence_classifier, chat_model, http", "judge.path = ''",
                "judge.model.name_or_path = ''", "e.g. format=all_pairs"], ["judge = {}", "objective"]),
     ("generate", ["sampling.num_samples = 4", "e.g. sampling.num_samples=8"], ["objective"]),
     ("winrate", ["kl.reference = ''", "judge.type = one of"], ["objective"]),

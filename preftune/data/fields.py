@@ -10,6 +10,8 @@ import json
 import math
 from typing import Any
 
+from .columns import ColumnPaths
+
 ROLES = ("system", "user", "assistant", "tool")
 CONTENT = "a non-empty string or a list of messages"
 
@@ -46,17 +48,22 @@ class Fields:
     list are then read as JSON in the cell (``true``, ``0.5``, ``["a", "b"]``).
     """
 
-    def __init__(self, row: dict, columns: dict[str, str], text_cells: bool = False):
+    def __init__(self, row: dict, columns: dict[str, str], text_cells: bool = False, paths: ColumnPaths | None = None):
         self.row, self.columns, self.text_cells = row, columns, text_cells
+        self.paths = paths if paths is not None else ColumnPaths(columns)
 
     def column(self, name: str) -> str:
         return self.columns.get(name, name)
 
     def has(self, name: str) -> bool:
-        return self.column(name) in self.row
+        return self.paths.lookup(self.row, name, self.column(name))[0]
 
     def get(self, name: str) -> Any:
-        return self.row.get(self.column(name))
+        return self.paths.lookup(self.row, name, self.column(name))[1]
+
+    def why_missing(self, name: str) -> str | None:
+        """Where a nested column's path stopped (``'summaries' has 2 items; index [choice=2] ...``)."""
+        return self.paths.lookup(self.row, name, self.column(name))[2]
 
     def typed(self, name: str) -> Any:
         """The value of a non-text field (label, score, lists), decoded from a CSV cell's JSON text."""
@@ -83,6 +90,9 @@ class Fields:
 
 
 def missing(fields: Fields, name: str, expected: str = CONTENT) -> str:
+    why = fields.why_missing(name)
+    if why:
+        return f"field {fields.label(name)}: not found: {why} (expected {expected})"
     return f"field {fields.label(name)}: missing (expected {expected}); the row has fields {fields.present()}"
 
 

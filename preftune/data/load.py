@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import logging
 import random
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DataConfig
+from ..user_code import load_function
+from .columns import ColumnPaths
 from .examples import Example
 from .fields import DataValidationError
 from .ranked import ranked_to_pairs
 from .readers import SUPPORTED, SourcedRow, read_rows
 from .report import RowProblem, format_problems, invalid_rows_error, write_skip_report
 from .shapes import SHAPES, file_shape, mismatch_error
+from .streaming import LazyExamples, MappedRows, open_rows
 from .validate import check_columns, validate_row
 
 logger = logging.getLogger("preftune")
@@ -33,18 +37,40 @@ class DataSplits:
     summaries: list[str] = field(default_factory=list)  # conversions done (ranked lists -> pairs), as logged
 
 
-def _validate_rows(rows: list[SourcedRow], shape: str, data: DataConfig) -> tuple[list[Example], list[RowProblem]]:
-    examples, bad = [], []
-    for row in rows:
+def _validate_rows(rows, shape: str, data: DataConfig):
+    """(examples, problems): a list of examples, or with ``data.streaming`` the positions of the valid rows
+    (``LazyExamples``), which are validated again when read."""
+    examples, positions, bad = [], array("q"), []
+    paths = ColumnPaths(data.columns)
+    for position, row in enumerate(rows):
         if row.problem is not None:
             bad.append(RowProblem(row.source, (row.problem,), row.value))
             continue
-        example, problems = validate_row(row.value, row.source, shape, data.columns, data.chat_template, row.text_cells)
+        example, problems = validate_row(row.value, row.source, shape, data.columns, data.chat_template,
+                                         row.text_cells, paths)
         if problems:
             bad.append(RowProblem(row.source, tuple(problems), row.value))
+        elif data.streaming:
+            positions.append(position)
         else:
             examples.append(example)
+    if data.streaming:
+        return LazyExamples(rows, positions, shape, data.columns, data.chat_template), bad
     return examples, bad
+
+
+def _open_rows(location: str, role: str, split: str | None, data: DataConfig):
+    """Rows of one file or dataset (held in memory, or read on demand with ``data.streaming``), each passed
+    through ``data.row_mapper`` when one is set."""
+    key = "data.train_file" if role == "train" else "data.eval_file"
+    if data.streaming:
+        rows = open_rows(location, role, split, data.subset, data.data_dir, key)
+    else:
+        rows = read_rows(location, role, split, data.subset, data.data_dir, key)
+    if data.row_mapper:
+        mapped = MappedRows(rows, load_function(data.row_mapper, "data.row_mapper"))
+        rows = mapped if data.streaming else list(mapped)
+    return rows
 
 
 def _report_skipped(bad: list[RowProblem], report_dir: Path | None, limit: int) -> Path | None:
@@ -60,7 +86,7 @@ def _report_skipped(bad: list[RowProblem], report_dir: Path | None, limit: int) 
     return path
 
 
-def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+def split_eval(examples, fraction: float, seed: int) -> tuple:
     """Hold out ``fraction`` (at least one example, never all) chosen by ``seed``; both keep file order."""
     if len(examples) < 2:
         raise DataValidationError(
@@ -71,8 +97,13 @@ def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     held_out = set(order[:n_eval])
-    train = [e for i, e in enumerate(examples) if i not in held_out]
-    return train, [e for i, e in enumerate(examples) if i in held_out]
+    del order
+    train = [i for i in range(len(examples)) if i not in held_out]
+    return _take(examples, train), _take(examples, sorted(held_out))
+
+
+def _take(examples, indices: list[int]):
+    return examples.take(indices) if isinstance(examples, LazyExamples) else [examples[i] for i in indices]
 
 
 def _accepted_shapes(shape: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -146,8 +177,10 @@ def load_examples(data: DataConfig, shape: str | tuple[str, ...], seed: int = 0,
     if not data.train_file:
         raise DataValidationError(f"data.train_file is not set (supported data: {SUPPORTED})")
     check_columns(data.columns)
-    paths = [(data.train_file, "train")] + ([(data.eval_file, "eval")] if data.eval_file else [])
-    files = [(path, read_rows(path, role)) for path, role in paths]
+    sources = [(data.train_file, "train", data.split)]
+    if data.eval_file or data.eval_split:  # a held-out split of the train dataset needs no eval_file
+        sources.append((data.eval_file or data.train_file, "eval", data.eval_split))
+    files = [(path, _open_rows(path, role, split, data)) for path, role, split in sources]
     found, returned = _choose_shape(files, accepted, data, objective)
     results = [(path, *_validate_rows(rows, found, data), len(rows)) for path, rows in files]
     bad = [problem for _, _, file_bad, _ in results for problem in file_bad]
@@ -160,8 +193,8 @@ def load_examples(data: DataConfig, shape: str | tuple[str, ...], seed: int = 0,
             raise DataValidationError(f"{path}: no valid rows ({len(file_bad)} invalid rows skipped{where})")
     _check_one_format([e for _, examples, _, _ in results for e in examples], data)
     train = results[0][1]
-    evaluation = results[1][1] if data.eval_file else []
-    if not data.eval_file and data.eval_fraction > 0:
+    evaluation = results[1][1] if len(results) > 1 else []
+    if len(results) == 1 and data.eval_fraction > 0:
         train, evaluation = split_eval(train, data.eval_fraction, seed)  # before pairing: no list on both sides
     summaries = []
     if returned != found:

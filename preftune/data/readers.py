@@ -1,8 +1,9 @@
 """Reading data files into rows, every row tagged with where it came from.
 
 A row keeps its source (``train.jsonl:17``) from the moment it is read, so a problem found later points
-at the file line. Formats: JSONL, JSON (a list of objects), Parquet, CSV and folders written by
-``datasets.Dataset.save_to_disk``; the format is chosen by extension (a folder is a saved dataset).
+at the file line. Formats: JSONL, JSON (a list of objects), Parquet, CSV, and what ``datasets`` reads
+(``datasets_source``: hub names, ``save_to_disk`` folders, folders of data files); a file's format is chosen
+by its extension.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .datasets_source import DatasetRequest, is_hub_name, open_dataset
 from .fields import DataValidationError, describe_value
 
-SUPPORTED = ".jsonl, .json (a list of objects), .parquet, .csv, or a folder written by datasets' save_to_disk"
+SUPPORTED = (".jsonl, .json (a list of objects), .parquet, .csv, a folder written by datasets' save_to_disk or of "
+             "data files, or a Hugging Face hub dataset name (owner/name)")
 
 
 @dataclass(frozen=True)
@@ -110,48 +113,39 @@ def _read_parquet(path: Path) -> list[SourcedRow]:
     return [SourcedRow(f"{path.name}:row {i}", row) for i, row in enumerate(table.to_pylist())]
 
 
-def _pick_split(path: Path, splits: list[str], role: str) -> str:
-    wanted = ("train",) if role == "train" else ("test", "validation", "eval")
-    for split in wanted:
-        if split in splits:
-            return split
-    raise DataValidationError(
-        f"{path}: a DatasetDict without a {' / '.join(repr(s) for s in wanted)} split; its splits are "
-        f"{', '.join(repr(s) for s in splits)}; point data.{role}_file at one of: "
-        + ", ".join(str(path / s) for s in splits)
-    )
-
-
-def _read_saved_dataset(path: Path, role: str) -> list[SourcedRow]:
-    import datasets
-
-    try:
-        dataset = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataValidationError(f"{path}: a folder, but not one written by save_to_disk ({exc}); supported: {SUPPORTED}") from exc
-    name = path.name
-    if isinstance(dataset, datasets.DatasetDict):
-        split = _pick_split(path, list(dataset), role)
-        dataset, name = dataset[split], f"{path.name}/{split}"
-    return [SourcedRow(f"{name}:row {i}", row) for i, row in enumerate(dataset.to_list())]
+def dataset_rows(dataset, label: str) -> list[SourcedRow]:
+    return [SourcedRow(f"{label}:row {i}", row) for i, row in enumerate(dataset.to_list())]
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
-def read_rows(path: str | Path, role: str = "train") -> list[SourcedRow]:
-    """Every row of a data file with its source; ``role`` ("train"/"eval") picks a DatasetDict's split."""
-    path = Path(path).expanduser()
+def read_rows(path: str | Path, role: str = "train", split: str | None = None, subset: str | None = None,
+              data_dir: str | None = None, key: str = "data.train_file") -> list[SourcedRow]:
+    """Every row of a data file, dataset folder or hub dataset, with its source. ``split`` (any name) picks a
+    dataset's split; without it ``role`` ("train"/"eval") picks train, or test/validation/eval."""
+    location = str(path)
+    path = Path(location).expanduser()
+    if path.is_dir() or (not path.exists() and is_hub_name(location)):
+        dataset, label = open_dataset(DatasetRequest(location, key, role, split, subset, data_dir))
+        rows = dataset_rows(dataset, label)
+    else:
+        check_single_file(path, split, subset, data_dir)
+        rows = _READERS[path.suffix.lower()](path)
+    if not rows:
+        raise DataValidationError(f"{path}: the file is empty: it has no rows")
+    return rows
+
+
+def check_single_file(path: Path, split: str | None, subset: str | None, data_dir: str | None) -> None:
+    """A file exists, has a supported type, and is not asked for what only datasets have."""
     if not path.exists():
         where = "" if path.is_absolute() else f"; looked for {path.absolute()} (a recipe's relative paths are tried " \
                                               "in the working directory, then beside the recipe)"
         raise DataValidationError(f"{path}: no such file or folder{where} (supported data: {SUPPORTED})")
-    if path.is_dir():
-        rows = _read_saved_dataset(path, role)
-    elif path.suffix.lower() in _READERS:
-        rows = _READERS[path.suffix.lower()](path)
-    else:
+    if path.suffix.lower() not in _READERS:
         raise DataValidationError(f"{path}: unsupported file type {path.suffix!r} (supported data: {SUPPORTED})")
-    if not rows:
-        raise DataValidationError(f"{path}: the file is empty: it has no rows")
-    return rows
+    asked = [name for name, value in (("split", split), ("subset", subset), ("data_dir", data_dir)) if value]
+    if asked:
+        raise DataValidationError(f"{path}: a single file has no {' / '.join(asked)}; data.split, data.eval_split, "
+                                  "data.subset and data.data_dir apply to hub datasets and dataset folders")

@@ -32,15 +32,29 @@ def tokenize_examples(examples: list, tokenizer, data: DataConfig) -> tuple[list
     summary), or is a ``DataValidationError`` under ``data.strict_truncation``. Ranked completions come
     best first, with their scores.
     """
-    encoder = Encoder(tokenizer)
+    tokenized, summary = tokenize_some(examples, Encoder(tokenizer), data)
+    check_strict(summary, data)
+    return tokenized, summary
+
+
+def check_strict(summary: TruncationSummary, data: DataConfig) -> None:
+    if summary.dropped and data.strict_truncation:
+        raise _strict_error(summary, data)
+
+
+def tokenize_some(examples, encoder: Encoder, data: DataConfig, start: int = 0,
+                  indices: list[int] | None = None) -> tuple[list[TokenizedExample], TruncationSummary]:
+    """``tokenize_examples`` without the strict check, for examples that are part of a split: ``indices`` (or
+    ``start``, ``start + 1``, ...) are their positions in it."""
+    tokenizer = encoder.tokenizer
     rendered = render_all(examples, tokenizer, data.max_errors_reported)
     prompt_ids = encoder.encode_prompts([prompt for prompt, _, _ in rendered])
     completion_ids = iter(encoder.encode_completions([text for _, texts, _ in rendered for text in texts]))
-    unit = UNITS.get(examples[0].shape, "example") if examples else "example"
+    unit = UNITS.get(examples[0].shape, "example") if len(examples) else "example"
     summary = TruncationSummary(len(examples), 0, 0, [], unit, data.max_prompt_length)
     tokenized = []
-    for index, (example, (prompt_text, completion_texts, chat)) in enumerate(zip(examples, rendered, strict=True)):
-        prompt = encoder.prompt(prompt_ids[index], prompt_text)
+    for position, (example, (prompt_text, completion_texts, chat)) in enumerate(zip(examples, rendered, strict=True)):
+        prompt = encoder.prompt(prompt_ids[position], prompt_text)
         completions = [encoder.completion(next(completion_ids), chat) for _ in completion_texts]
         has_bos = bool(prompt) and prompt[0] == encoder.bos_id
         result = truncate(prompt, completions, has_bos, data)
@@ -52,7 +66,6 @@ def tokenize_examples(examples: list, tokenizer, data: DataConfig) -> tuple[list
         summary.completions_truncated += cut
         if prompt_cut or cut:
             summary.cut.append((example.source, prompt_cut, cut))
+        index = start + position if indices is None else indices[position]
         tokenized.append(TokenizedExample(index, prompt, completions, slot_label(example), slot_scores(example)))
-    if summary.dropped and data.strict_truncation:
-        raise _strict_error(summary, data)
     return tokenized, summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .columns import ColumnPaths, check_path
 from .examples import CompletionExample, Example, PairExample
 from .fields import (
     DataValidationError,
@@ -26,6 +27,7 @@ from .fields import (
     read_content,
     shared_prefix,
 )
+from .transcripts import FORMAT, looks_like_transcript, parse_transcript, split_transcripts
 from .validate_groups import GROUP_VALIDATORS
 
 CANONICAL_FIELDS = (
@@ -54,6 +56,9 @@ def check_columns(columns: dict) -> None:
             )
         if not isinstance(column, str) or not column:
             raise DataValidationError(f"data.columns.{name}: expected a column name, got {describe_value(column)}")
+        problem = check_path(column)
+        if problem:
+            raise DataValidationError(f"data.columns.{name}: {problem}")
 
 
 def _labelled(fields: Fields, names: tuple[str, ...], values: tuple) -> list[tuple[str, Any]]:
@@ -87,13 +92,40 @@ def _split_conversations(fields: Fields, prompt, chosen: list, rejected: list):
     return problems or (prompt, chosen, rejected)
 
 
+def _identical(fields: Fields) -> list[str]:
+    return [f"fields {fields.label('chosen')} and {fields.label('rejected')} are identical; "
+            "a preference pair needs two different completions"]
+
+
+def _transcript_pair(fields: Fields, source: str, chosen: str, rejected: str,
+                     chat_template: bool | None) -> tuple[PairExample | None, list[str]]:
+    """Anthropic HH rows: two whole dialogues, the turns they share being the prompt (``transcripts``)."""
+    chosen_turns, problems = parse_transcript(chosen, fields.label("chosen"))
+    rejected_turns, more = parse_transcript(rejected, fields.label("rejected"))
+    problems += more
+    if problems:
+        return None, problems
+    if chosen_turns == rejected_turns:
+        return None, _identical(fields)
+    split = split_transcripts(chosen_turns, rejected_turns, as_text=chat_template is False)
+    if split is None:
+        return None, [f"fields {fields.label('chosen')} and {fields.label('rejected')} are transcripts that share "
+                      "no turn, so there is no prompt; both should open with the same Human turn"]
+    return PairExample(source, *split), []
+
+
 def _pair(fields: Fields, source: str, chat_template: bool | None) -> tuple[PairExample | None, list[str]]:
     problems: list[str] = []
     chosen = read_content(fields, "chosen", problems)
     rejected = read_content(fields, "rejected", problems)
-    prompt = read_content(fields, "prompt", problems) if fields.has("prompt") else None
-    if not fields.has("prompt") and (isinstance(chosen, str) or isinstance(rejected, str)):
-        problems.append(missing(fields, "prompt", "a non-empty string; only pairs of message lists may leave it out"))
+    # a prompt column named in data.columns must be there; otherwise it may be left out (see below)
+    prompt = read_content(fields, "prompt", problems) if fields.has("prompt") or "prompt" in fields.columns else None
+    texts = isinstance(chosen, str) and isinstance(rejected, str)
+    if not fields.has("prompt") and not problems and texts and any(map(looks_like_transcript, (chosen, rejected))):
+        return _transcript_pair(fields, source, chosen, rejected, chat_template)
+    if not fields.has("prompt") and "prompt" not in fields.columns and (isinstance(chosen, str) or isinstance(rejected, str)):
+        problems.append(missing(fields, "prompt", "a non-empty string; only pairs of message lists or Anthropic HH "
+                                                  f"transcripts ({FORMAT}) may leave it out"))
     if problems:
         return None, problems
     if _prompt_already_in_conversations(prompt, chosen, rejected):
@@ -104,8 +136,7 @@ def _pair(fields: Fields, source: str, chat_template: bool | None) -> tuple[Pair
     items = _labelled(fields, names, values)
     problems = mixed_formats(items, list(names)) or chat_disallowed(items, chat_template)
     if not problems and chosen == rejected:
-        problems = [f"fields {fields.label('chosen')} and {fields.label('rejected')} are identical; "
-                    "a preference pair needs two different completions"]
+        problems = _identical(fields)
     if problems:
         return None, problems
     if isinstance(chosen, list):
@@ -168,10 +199,11 @@ _VALIDATORS = {"pairs": _pair, "completions": _completion, **GROUP_VALIDATORS}
 
 
 def validate_row(
-    row: Any, source: str, shape: str, columns: dict[str, str], chat_template: bool | None, text_cells: bool = False
+    row: Any, source: str, shape: str, columns: dict[str, str], chat_template: bool | None, text_cells: bool = False,
+    paths: ColumnPaths | None = None,
 ) -> tuple[Example | None, list[str]]:
     """The example a row describes, or None and every problem found in it (source not included).
-    ``text_cells``: the row comes from CSV (see ``Fields``)."""
+    ``text_cells``: the row comes from CSV (see ``Fields``); ``paths``: ``columns`` parsed once for many rows."""
     if not isinstance(row, dict):
         return None, [f"expected an object with fields {SHAPE_FIELDS[shape]}, got {describe_value(row)}"]
-    return _VALIDATORS[shape](Fields(row, columns, text_cells), source, chat_template)
+    return _VALIDATORS[shape](Fields(row, columns, text_cells, paths), source, chat_template)

@@ -26,14 +26,20 @@ class RewardDataConfig:
     train_file: str = ""  # pairs (prompt, chosen, rejected) or ranked lists (prompt, completions, scores|ranks)
     eval_file: str | None = None
     eval_fraction: float = 0.0  # held out from train_file when eval_file is not given
-    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the file
+    split: str | None = None  # as data.split of `preftune train`: a dataset's split (hub names, dataset folders)
+    eval_split: str | None = None
+    subset: str | None = None
+    data_dir: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column or nested path
+    row_mapper: str | None = None  # "module:function" rewriting each row first
     on_invalid: Literal["error", "skip"] = "error"
     max_errors_reported: int = 20
     chat_template: bool | None = None  # None: the template for conversational rows (when the tokenizer has one)
 
     def as_data_config(self) -> DataConfig:
         return DataConfig(train_file=self.train_file, eval_file=self.eval_file, eval_fraction=self.eval_fraction,
-                          columns=dict(self.columns), on_invalid=self.on_invalid,
+                          split=self.split, eval_split=self.eval_split, subset=self.subset, data_dir=self.data_dir,
+                          columns=dict(self.columns), row_mapper=self.row_mapper, on_invalid=self.on_invalid,
                           max_errors_reported=self.max_errors_reported, chat_template=self.chat_template)
 
 

@@ -32,7 +32,7 @@ from ..atomic import write_json
 from ..config import ConfigError, LoopConfig, LoraConfig, beside, load_section, validate_loop
 from ..training.fingerprint import model_identity, settings
 from ..training.loop import Loop, run_log
-from ..training.metrics import MeanAccumulator
+from ..training.metrics import MeanAccumulator, tracker_names
 from .data import (
     Group,
     RewardDataConfig,
@@ -95,6 +95,8 @@ def check(config: RewardConfig) -> None:
         raise ConfigError(f"config key 'model.max_length': must be >= 2, got {config.model.max_length}")
     if not 0 <= config.data.eval_fraction < 1:
         raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1), got {config.data.eval_fraction}")
+    if config.data.eval_split and config.data.eval_fraction:
+        raise ConfigError("give either 'data.eval_split' or 'data.eval_fraction', not both")
     if config.lora.enabled and config.model.freeze_backbone:
         raise ConfigError("'lora.enabled' trains adapters on the backbone, 'model.freeze_backbone' freezes it: "
                           "choose one")
@@ -271,7 +273,7 @@ def train_reward(config: RewardConfig) -> RewardResult:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False),
                                              encoding="utf-8")
         torch.manual_seed(t.seed)
-        accelerator = modeling.make_accelerator(t.precision)
+        accelerator = modeling.make_accelerator(t.precision, tracker_names(t), run_dir)
         model = build_model(config, t.seed).to(accelerator.device)
         tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path), config.model.trust_remote_code)
         model.meta.chat_template = resolved_chat_template(config.data, splits.train + splits.eval, tokenizer)

@@ -67,6 +67,7 @@ class Task(Protocol):
         """The micro-batch's share of the step's loss (0-d, with gradient): the sum of its examples' losses
         times ``weight`` (1 / examples in the step, times the process count); and the tokens processed."""
     def evaluate(self, module) -> dict[str, float] | None: ...
+    # optional: ``samples(module) -> list[dict] | None``, generations written beside each evaluation
     def after_step(self, module, done: int, stats: MeanAccumulator) -> None: ...
     def checkpoint_state(self) -> tuple[dict, dict[str, torch.Tensor]]: ...
     def fingerprint(self) -> dict:
@@ -175,20 +176,26 @@ class Loop:
         log.info("resumed from %s at step %d of %d", checkpoint, restored["step"], self.total_steps)
         return restored["step"]
 
-    def _evaluate(self) -> dict[str, float] | None:
-        return self.task.evaluate(self.module)
+    def _evaluate(self, writer: MetricsWriter, step: int) -> dict[str, float] | None:
+        """Held-out metrics, and the task's sample generations when it makes some, written at ``step``."""
+        scores = self.task.evaluate(self.module)
+        if scores:
+            writer.write({"step": step, **scores})
+        samples = getattr(self.task, "samples", None)  # optional: a task that generates text
+        rows = samples(self.module) if samples is not None else None
+        if rows:
+            writer.write_samples(step, rows)
+        return scores
 
     def fit(self) -> TrainResult:
         t = self.config
         self.fingerprint, self.stats = self.task.fingerprint(), MeanAccumulator()
         resume_from = self._resume_point()
         start = self._resume(resume_from) if resume_from is not None else 0
-        writer = MetricsWriter(self.run_dir, start if resume_from else None, t.tensorboard)
+        writer = MetricsWriter(self.run_dir, start if resume_from else None, self.accelerator, t)
         eval_before = None
         if start == 0 and t.eval_before_training:
-            eval_before = self._evaluate()
-            if eval_before:
-                writer.write({"step": 0, **eval_before})
+            eval_before = self._evaluate(writer, 0)
         self.module.train()
         interrupted, tokens, seconds, done = False, 0, 0.0, start
         bar = self.progress(range(start, self.total_steps), self.total_steps - start, "training")
@@ -212,9 +219,7 @@ class Loop:
                                          shown.rsplit("/", 1)[-1]: f"{row.get(shown, float('nan')):.3g}"})
                     self.stats = MeanAccumulator()
                 if t.eval_steps and done % t.eval_steps == 0 and done != self.total_steps:
-                    scores = self._evaluate()
-                    if scores:
-                        writer.write({"step": done, **scores})
+                    self._evaluate(writer, done)
                 if (t.save_steps and done % t.save_steps == 0) or (stop.requested and done < self.total_steps):
                     self._save(done)
                 if stop.requested and done < self.total_steps:
@@ -228,9 +233,7 @@ class Loop:
         """Held-out evaluation, a last checkpoint and ``final/`` — unless the run was interrupted."""
         eval_after = final_dir = None
         if not interrupted:
-            eval_after = self._evaluate()
-            if eval_after:
-                writer.write({"step": final_step, **eval_after})
+            eval_after = self._evaluate(writer, final_step)
             latest = latest_checkpoint(self.run_dir)
             if latest is None or latest.name != f"step-{final_step:08d}":
                 self._save(final_step)

@@ -1,5 +1,6 @@
 """Metric names users' dashboards expect (DESIGN.md), their batch statistics, and where they are written:
-``metrics.jsonl`` (one JSON object per logging step) and TensorBoard events."""
+``metrics.jsonl`` (one JSON object per logging step) and the experiment trackers of ``training.report_to``
+(TensorBoard by default; wandb, mlflow, trackio) through accelerate, under the same names."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor
 
+from ..config import ConfigError, LoopConfig
 from ..objectives import GroupLogps, ObjectiveOutput, PairedLogps
 
 
@@ -86,43 +89,115 @@ def finite(value: Tensor | float) -> bool:
     return bool(torch.isfinite(value).all()) if isinstance(value, Tensor) else math.isfinite(value)
 
 
+TRACKERS = {  # report_to name -> (accelerate's availability check, what to pip install)
+    "tensorboard": ("is_tensorboard_available", "tensorboard"),
+    "wandb": ("is_wandb_available", "wandb"),
+    "mlflow": ("is_mlflow_available", "mlflow-skinny"),
+    "trackio": ("is_trackio_available", "trackio"),
+}
+
+
+def tracker_names(config: LoopConfig) -> list[str]:
+    """The trackers a run reports to: ``training.report_to`` (less tensorboard with ``training.tensorboard:
+    false``), each installed: accelerate would skip a missing one with a debug message, this names it."""
+    import accelerate.utils
+
+    names = [n for n in dict.fromkeys(config.report_to) if n != "tensorboard" or config.tensorboard]
+    for name in names:
+        check, package = TRACKERS[name]
+        if not getattr(accelerate.utils, check)():
+            raise ConfigError(f"config key 'training.report_to': {name} is not installed; pip install {package} "
+                              "(or pip install 'preftune[trackers]' for wandb, mlflow and trackio)")
+    return names
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config as ``section.key`` -> a value every tracker stores (lists, maps and null as JSON)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            simple = isinstance(value, (bool, int, float, str))
+            out[f"{prefix}{key}"] = value if simple else json.dumps(value)
+    return out
+
+
+def _tracker_kwargs(config: LoopConfig, run_dir: Path, resume_step: int | None) -> dict:
+    """accelerate's init_kwargs: the run's name and folder where a tracker has them; the user's own win."""
+    defaults = {"wandb": {"dir": str(run_dir), "name": run_dir.name}, "mlflow": {"run_name": run_dir.name},
+                "trackio": {"name": run_dir.name}, "tensorboard": {}}
+    if resume_step is not None:  # purge_step hides events a killed run wrote after the checkpoint we resume from
+        defaults["tensorboard"]["purge_step"] = resume_step + 1
+    return {name: {**defaults.get(name, {}), **dict(config.tracker_kwargs.get(name) or {})}
+            for name in TRACKERS}
+
+
+def _log_samples(tracker, step: int, rows: list[dict]) -> None:
+    """Sample generations in each tracker's own form: text, a table, or a file of the run."""
+    columns = ["index", "split", "prompt", "completion"]
+    table = [[row[c] for c in columns] for row in rows]
+    if tracker.name == "tensorboard":
+        lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        lines += ["| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in r) + " |" for r in table]
+        tracker.writer.add_text("samples", "\n".join(lines), step)
+        tracker.writer.flush()
+    elif tracker.name == "wandb":
+        tracker.log_table("samples", columns=columns, data=table, step=step)
+    elif tracker.name == "trackio":
+        import trackio
+
+        tracker.run.log({"samples": trackio.Table(columns=columns, data=table)}, step=step)
+    elif tracker.name == "mlflow":
+        import mlflow
+
+        mlflow.log_text("".join(json.dumps(row) + "\n" for row in rows), f"samples/step-{step:08d}.jsonl")
+
+
 class MetricsWriter:
-    """Appends rows to ``metrics.jsonl`` and mirrors them to TensorBoard."""
+    """Appends rows to ``metrics.jsonl`` (and sample generations to ``samples.jsonl``) and reports the same
+    names to the accelerator's trackers (``training.report_to``), the run's config as hyper-parameters."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_step is not None:
-            self._truncate_after(resume_step)
-        elif self.path.exists():
-            self.path.unlink()
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides events a killed run wrote after the checkpoint we resume from
-            purge = None if resume_step is None else resume_step + 1
-            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
-
-    def _truncate_after(self, step: int) -> None:
-        """A resumed run repeats the steps after its checkpoint: drop the killed run's rows for them."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    def __init__(self, run_dir: Path, resume_step: int | None, accelerator, config: LoopConfig):
+        self.run_dir, self.accelerator = Path(run_dir), accelerator
+        self.path, self.samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
+        for path in (self.path, self.samples_path):
+            if resume_step is not None:
+                _truncate_after(path, resume_step)
+            elif path.exists():
+                path.unlink()
+        if accelerator.log_with:
+            config_file = self.run_dir / "config.yaml"
+            hparams = _flat(yaml.safe_load(config_file.read_text(encoding="utf-8"))) if config_file.exists() else None
+            accelerator.init_trackers(config.tracker_project, hparams,
+                                      _tracker_kwargs(config, self.run_dir, resume_step))
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
-            self.tb.flush()
+        values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        self.accelerator.log(values, step=row["step"])
+
+    def write_samples(self, step: int, rows: list[dict]) -> None:
+        with open(self.samples_path, "a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows)
+        for tracker in self.accelerator.trackers:
+            _log_samples(tracker, step, rows)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        """Finish every tracker's run (not ``accelerator.end_training``, which also ends the process group)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop the killed run's rows for them."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

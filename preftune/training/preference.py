@@ -20,8 +20,9 @@ from .export import export_final
 from .fingerprint import model_identity, settings
 from .logps import CompletionLogps
 from .loop import Loop, TrainResult, run_log
-from .metrics import MeanAccumulator, add_batch_statistics
+from .metrics import MeanAccumulator, add_batch_statistics, tracker_names
 from .reference import build_reference, precompute_reference
+from .samples import generate_samples, sample_prompts
 from .schedule import sequential_batches
 from .step import Scorer, evaluate
 from .sync import syncing_reference
@@ -117,6 +118,18 @@ class PreferenceTask:
         loader = batches(self.data.eval, order, self.collator, self.accelerator.device)
         return evaluate(self.eval_scorer, self.progress(loader, len(order), "evaluating"), module, self.state)
 
+    def samples(self, module) -> list[dict] | None:
+        """Greedy generations for ``training.sample_prompts`` fixed prompts (``samples.py``), every process
+        alike (no collective), written by the main one."""
+        t = self.config.training
+        if not t.sample_prompts:
+            return None
+        if not hasattr(self, "_sample_prompts"):
+            self._sample_prompts = sample_prompts(self.data, t.sample_prompts)
+        split, examples = self._sample_prompts
+        policy = self.accelerator.unwrap_model(module).model
+        return generate_samples(policy, self.tokenizer, split, examples, t.sample_max_new_tokens)
+
     def after_step(self, module, done: int, stats: MeanAccumulator) -> None:
         """TR-DPO: after every ``sync_steps`` optimizer steps, move the reference towards the policy."""
         every, alpha = self.config.reference.sync_steps, self.config.reference.sync_alpha
@@ -159,7 +172,7 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
         splits = read_splits(config, objective, run_dir)  # bad data fails here, before any model loads
         save_config(config, run_dir / "config.yaml")
         torch.manual_seed(config.training.seed)
-        accelerator = modeling.make_accelerator(config.training.precision)
+        accelerator = modeling.make_accelerator(config.training.precision, tracker_names(config.training), run_dir)
         tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         data = tokenize_splits(config, splits, tokenizer, run_dir)
         policy = modeling.place(modeling.load_policy(config), accelerator.device)

@@ -24,7 +24,8 @@ log = logging.getLogger("preftune")
 class RetainSet:
     def __init__(self, config: Config, tokenizer, device: torch.device, rank: int, world: int):
         data = dataclasses.replace(config.data, train_file=config.data.retain_file, eval_file=None,
-                                   eval_fraction=0.0, columns={}, ranked_to_pairs=None)
+                                   eval_fraction=0.0, columns={}, ranked_to_pairs=None, row_mapper=None, split=None,
+                                   eval_split=None, subset=None, data_dir=None, streaming=False)
         splits = load_examples(data, ("completions",), seed=config.training.seed)
         self.examples, summary = tokenize_examples(splits.train, tokenizer, data)
         log.info("retain set %s: %s", config.data.retain_file, summary.describe())

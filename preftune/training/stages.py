@@ -58,7 +58,8 @@ def stage_config(config: Config, t: int, count: int, data_file: Path, eval_file:
     stage.reference.name_or_path = None  # a frozen copy of this stage's starting model
     stage.data.train_file = str(data_file)
     if isinstance(config.training.stages, int):  # rows were written with canonical names, held-out apart
-        stage.data.columns, stage.data.eval_fraction = {}, 0.0
+        stage.data.columns, stage.data.eval_fraction, stage.data.row_mapper = {}, 0.0, None
+        stage.data.split = stage.data.eval_split = stage.data.subset = stage.data.data_dir = None
         stage.data.eval_file = str(eval_file) if eval_file else None
     if t < count and stage.lora.enabled:
         stage.lora.save = "merged"  # the next stage starts from (and refers to) the full aligned model

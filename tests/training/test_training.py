@@ -42,7 +42,7 @@ def test_dpo_run_writes_a_complete_run_directory(base_config):
     run_dir = result.run_dir
     for name in ("config.yaml", "metrics.jsonl", "train.log", "final/README.md", "final/preftune_config.yaml"):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "tensorboard" / "preftune").glob("events.out.tfevents.*"))  # accelerate: <dir>/<project>
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000002", "step-00000003"] or sorted(
         p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final")

@@ -34,6 +34,7 @@ Prompt = str | list[dict[str, str]]  # text, or a list of {role, content} messag
 JUDGES: dict[str, str] = {
     "function": "preftune.feedback.judges.function:FunctionJudge",
     "reward_model": "preftune.feedback.judges.reward_model:RewardModelJudge",
+    "sequence_classifier": "preftune.feedback.judges.sequence_classifier:SequenceClassifierJudge",
     "chat_model": "preftune.feedback.judges.chat_model:ChatModelJudge",
     "http": "preftune.feedback.judges.http:HttpJudge",
 }

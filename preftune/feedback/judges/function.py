@@ -17,17 +17,14 @@ sentiment generation), e.g. with ``vaderSentiment`` installed, in ``my_judges.py
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import logging
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from ... import user_code
 from ...config import ConfigError
 from . import PointwiseJudge, Prompt, check_lengths
 
@@ -40,37 +37,9 @@ class FunctionJudgeConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to every call
 
 
-def _import_module(module_name: str):
-    if module_name.endswith(".py"):
-        path = Path(module_name).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"config key 'judge.function': no such file {path}")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        # the console script does not put the working directory on sys.path; a user's my_judges.py lives there
-        if exc.name != module_name.split(".")[0] or "" in sys.path or "." in sys.path:
-            raise ConfigError(f"config key 'judge.function': cannot import {module_name!r}: {exc}") from exc
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"config key 'judge.function': cannot import {module_name!r}: {exc}") from exc
-
-
 def load_function(spec: str) -> Callable:
     """``"module:name"`` -> the callable it names (errors name the config key)."""
-    module_name, sep, name = spec.rpartition(":")
-    if not sep or not module_name or not name:
-        raise ConfigError(f"config key 'judge.function': expected 'module:function' or 'file.py:function', got {spec!r}")
-    function = getattr(_import_module(module_name), name, None)
-    if not callable(function):
-        raise ConfigError(f"config key 'judge.function': {module_name!r} has no function {name!r}")
-    return function
+    return user_code.load_function(spec, "judge.function")
 
 
 def _positional_arity(function: Callable, given: dict) -> int:

@@ -45,7 +45,8 @@ class RewardModelJudge(PointwiseJudge):
         try:
             self.model = RewardModel.load(config.path, config.dtype, config.trust_remote_code, TRUST_KEY)
         except FileNotFoundError as exc:
-            raise ConfigError(f"config key 'judge.path': {exc}") from exc
+            raise ConfigError(f"config key 'judge.path': {exc} (a published Hugging Face reward model, a "
+                              "*ForSequenceClassification checkpoint, is judge type sequence_classifier)") from exc
         if config.include_prompt is not None:
             self.model.meta = dataclasses.replace(self.model.meta, include_prompt=config.include_prompt)
         self.model.to(process_device())  # each launched process its own GPU
