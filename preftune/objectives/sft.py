@@ -16,11 +16,13 @@ class SFTParams:
 
 
 def sft_loss(logps: PairedLogps, params: SFTParams) -> ObjectiveOutput:
-    """losses (B,) = -lp_c/n_c; rewards are mean token log-probs so pair accuracy is still reported."""
+    """losses (B,) = -lp_c/n_c. On pairs (Preferred-FT) the rewards are mean token log-probs, so pair accuracy
+    is still reported; on single completions SFT has no reward to report (the loss says it all): NaN, which the
+    metrics leave out, as the contract says for a missing reward."""
     logps = logps.upcast()
     chosen = logps.mean_logps("chosen")
     if logps.policy_rejected_logps is not None and logps.rejected_tokens is not None:
-        rejected = logps.mean_logps("rejected").detach()
-    else:  # single-completion data: there is nothing to compare against
-        rejected = torch.full_like(chosen, float("nan")).detach()  # no rejected completion: NaN, as the contract says
-    return ObjectiveOutput(losses=-chosen, chosen_rewards=chosen.detach(), rejected_rewards=rejected)
+        return ObjectiveOutput(losses=-chosen, chosen_rewards=chosen.detach(),
+                               rejected_rewards=logps.mean_logps("rejected").detach())
+    missing = torch.full_like(chosen, float("nan")).detach()
+    return ObjectiveOutput(losses=-chosen, chosen_rewards=missing, rejected_rewards=missing)

@@ -176,7 +176,7 @@ def evaluate_groups(rewards: TextRewards, groups: list[Group], batch_size: int) 
 class RewardTask:
     """A reward model (backbone + scalar head) trained on groups (pairs or ranked lists) of texts."""
 
-    progress_metric = "accuracy"
+    progress_metric = ("accuracy", "acc")
 
     def __init__(self, config: RewardConfig, model: RewardModel, tokenizer, texts: RewardTexts,
                  train: list[Group], held_out: list[Group]):

@@ -57,7 +57,7 @@ class Task(Protocol):
 
     module: torch.nn.Module
     num_examples: int  # examples the schedule draws batches from (pairs, ranked lists, ...)
-    progress_metric: str  # shown beside the loss on the progress bar
+    progress_metric: tuple[str, str]  # (metric, its short label) shown beside the loss on the progress bar
 
     def param_groups(self, config: LoopConfig) -> list[dict]: ...
     def attach(self, module: torch.nn.Module, accelerator: Accelerator, progress) -> None: ...
@@ -214,9 +214,8 @@ class Loop:
                            "lr": self.scheduler.get_last_lr()[0]}
                     writer.write(row)
                     if hasattr(bar, "set_postfix"):
-                        shown = self.task.progress_metric
-                        bar.set_postfix({"loss": f"{row['loss']:.4f}",
-                                         shown.rsplit("/", 1)[-1]: f"{row.get(shown, float('nan')):.3g}"})
+                        key, label = self.task.progress_metric
+                        bar.set_postfix({"loss": f"{row['loss']:.4f}", label: f"{row.get(key, float('nan')):.3g}"})
                     self.stats = MeanAccumulator()
                 if t.eval_steps and done % t.eval_steps == 0 and done != self.total_steps:
                     self._evaluate(writer, done)

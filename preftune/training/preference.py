@@ -51,7 +51,7 @@ class PreferenceTask:
         self.collator = Collator(tokenizer.pad_token_id, shape)
         self.num_examples = len(data.train)
         # what the progress bar shows beside the loss: SFT has no rejected completion to be accurate about
-        self.progress_metric = "rewards/accuracies" if objective.uses_rejected else "logps/chosen"
+        self.progress_metric = ("rewards/accuracies", "acc") if objective.uses_rejected else ("logps/chosen", "logps")
         if objective.batch_level and t.gradient_accumulation_steps > 1:
             log.warning("objective %r compares examples within a micro-batch: with gradient accumulation its "
                         "loss is that of %d batches of %d, not of one batch of %d", objective.name,
