@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from collections.abc import Iterator
 
 import torch
@@ -126,6 +127,12 @@ def load_frozen(name_or_path: str, model_cfg: ModelConfig, key: str = TRUST_KEY)
     return model
 
 
+def launched_on_cpu() -> bool:
+    """Several processes started by torchrun (or accelerate) on a machine without a GPU: accelerate then
+    needs ``cpu=True`` to join them in one gloo process group (without it, each would train alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def make_accelerator(precision: str):
     """A fresh Accelerator for this run. accelerate keeps process-wide state that refuses a second run with
     another precision (a notebook training fp32 then bf16): reset that part, never the distributed one."""
@@ -133,7 +140,8 @@ def make_accelerator(precision: str):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", step_scheduler_with_optimizer=False)
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", step_scheduler_with_optimizer=False,
+                       cpu=launched_on_cpu())
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..atomic import write_text
 from ..objectives import GroupLogps, ObjectiveOutput, PairedLogps
 
 
@@ -75,15 +76,21 @@ def finite(value: Tensor | float) -> bool:
 
 
 class MetricsWriter:
-    """Appends rows to ``metrics.jsonl`` and mirrors them to TensorBoard."""
+    """Appends rows to ``metrics.jsonl`` and mirrors them to TensorBoard: the one place where logged rows
+    leave the run (another tracker belongs here too).
 
-    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    With several processes every one computes the same rows (sums reduced across processes first), and only
+    the main one (``main=True``) writes: the others' writer touches no file.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool, main: bool = True):
+        self.path, self.main, self.tb = Path(run_dir) / "metrics.jsonl", main, None
+        if not main:
+            return
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif self.path.exists():
             self.path.unlink()
-        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -92,14 +99,17 @@ class MetricsWriter:
             self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run repeats the steps after its checkpoint: drop the killed run's rows for them."""
+        """A resumed run repeats the steps after its checkpoint: drop the killed run's rows for them (and a
+        row it was killed in the middle of writing). Rewritten atomically: a second kill loses nothing."""
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+                if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, row: dict) -> None:
+        if not self.main:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -111,6 +121,13 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a row cut short by a kill
+        return None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
