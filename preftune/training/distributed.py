@@ -2,7 +2,7 @@
 how an objective that compares the examples of a batch sees the whole global micro-batch.
 
 The global batch is the unit. Process ``r`` of ``N`` holds rows ``r::N`` of every global micro-batch
-(``schedule.Shard``); gradients are averaged by DDP (or the sharded engine), so each example weighs
+(``schedule.Shard``); gradients are averaged by DDP, so each example weighs
 1 / (examples in the step) exactly as in one process. Logged numbers are sums and counts added over every
 process before dividing (``reduce_across``), never a mean of per-process means. Objectives stay pure
 functions: for one whose trait ``batch_level`` is set, ``RowGather`` all-gathers its input tensors (with
