@@ -33,6 +33,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.command == "sft":
         config = with_objective(config, "sft")
     result = train(config, command=args.command)
+    from .training.distributed import is_main_process
+
+    if not is_main_process():  # launched on several processes: the main one reports
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted at step {result.steps}; a checkpoint is in {result.run_dir / 'checkpoints'} "
               "(run the same command again to resume)")

@@ -121,7 +121,7 @@ class LoopConfig:
     output_dir: str = "runs/preftune"
     seed: int = 42
     batch_size: int = 8  # examples (pairs, lists, ...) per device per micro-batch
-    eval_batch_size: int = 16
+    eval_batch_size: int = 16  # per process, like batch_size (with N processes an evaluation batch holds N x this)
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-7
     weight_decay: float = 0.0

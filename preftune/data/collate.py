@@ -48,7 +48,8 @@ class Collator:
     def _shape_of(self, examples: list[TokenizedExample]) -> str:
         return self.shape
 
-    def __call__(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[TokenizedExample],
+                 context: list[TokenizedExample] | None = None) -> dict[str, torch.Tensor]:
         """``input_ids`` (N, T) long, ``attention_mask`` (N, T) long, ``completion_mask`` (N, T) bool, right
         padding; ``index`` (B,) long; ``row_example`` (N,) long and ``row_slot`` (N,) long: the example and
         slot of each row; ``num_slots`` 0-d long K, the most slots any example has. An example with fewer
@@ -57,7 +58,8 @@ class Collator:
         unpaired: slot 1 holds the mismatched rows KTO (Ethayarajh et al. 2024) estimates its KL reference
         point from: the prompt of example b with the completion of example (b+1) % B, cut so that no such
         row is longer than the batch's longest real row; with B == 1 there is none and K is 1.
-        ``labels`` (B,) bool.
+        ``labels`` (B,) bool. ``context``: the global micro-batch that ``examples`` (one process's share of it)
+        belongs to; the mismatched rows are then those one process collating ``context`` would build.
         scored / ranked: ``scores`` (B, K) float32, NaN where an example has no completion.
         """
         if not examples:
@@ -66,7 +68,7 @@ class Collator:
         _check(examples, shape)
         slots = [list(e.completions) for e in examples]
         if shape == "unpaired":
-            slots = _with_mismatched(examples)
+            slots = _with_mismatched(examples, context or examples)
         num_slots = max(len(s) for s in slots)
         rows = [(b, s) for s in range(num_slots) for b in range(len(examples)) if s < len(slots[b])]
         batch = {
@@ -101,13 +103,15 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
-def _with_mismatched(examples: list[TokenizedExample]) -> list[list[list[int]]]:
-    """[own completion, completion of the next example] per example. The borrowed completion is cut to fit
-    the longest real row, so the KL rows never make the batch longer (or use more memory) than it was."""
-    if len(examples) == 1:
-        return [list(examples[0].completions)]
-    longest = max(len(e.prompt_ids) + len(e.completions[0]) for e in examples)
-    following = examples[1:] + examples[:1]
+def _with_mismatched(examples: list[TokenizedExample], context: list[TokenizedExample]) -> list[list[list[int]]]:
+    """[own completion, completion of the example after it in ``context``] per example. The borrowed
+    completion is cut to fit the longest real row of ``context``, so the KL rows never make the batch longer
+    (or use more memory) than it was."""
+    if len(context) == 1:
+        return [list(e.completions) for e in examples]
+    longest = max(len(e.prompt_ids) + len(e.completions[0]) for e in context)
+    place = {id(e): j for j, e in enumerate(context)}
+    following = [context[(place[id(e)] + 1) % len(context)] for e in examples]
     return [[e.completions[0], after.completions[0][: longest - len(e.prompt_ids)]]
             for e, after in zip(examples, following, strict=True)]
 

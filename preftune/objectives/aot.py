@@ -7,7 +7,9 @@ their order statistics, so the relaxed dominance loss is a loss on the differenc
   - unpaired (``aot_unpaired``): the chosen log-ratios β·h_c should dominate the rejected log-ratios β·h_r.
 Both use the logistic loss with label smoothing, as TRL's ``aot`` and ``aot_unpaired``. Because of the
 sorting, ``losses[i]`` belongs to the i-th quantile of the batch, not to pair i, and the loss depends on the
-whole (micro-)batch: its mean is the objective, and gradient accumulation sorts each micro-batch on its own.
+whole (micro-)batch: its mean is the objective, and gradient accumulation sorts each micro-batch on its own. With
+several processes the sort runs over the global micro-batch (the trainer gathers it; each process then keeps
+every N-th quantile's loss, and together they sum to one process's).
 """
 
 from __future__ import annotations

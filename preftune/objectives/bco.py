@@ -7,7 +7,9 @@ paper's reward shift δ (the mean of the rewards) tightens the bound: -log σ(r_
 ``RunningMoments`` in its BCO trainer and in ``bco_pair`` before TRL 1.x; TRL 1.16's ``bco_pair`` dropped δ, i.e.
 δ = 0). TRL's ``bco_pair`` fed one batch mean per step, which equals this count-weighted mean when every batch
 has the same size. δ is a statistic, not a parameter: it is detached and carried in ``state``; the first batch
-initialises it, and because it includes the current batch the objective is ``batch_level``.
+initialises it, and because it includes the current batch the objective is ``batch_level``: with several processes
+the trainer hands this function the whole global micro-batch (gathered), so δ, and the count of rewards behind it,
+advance by the global micro-batch's 2B rewards, identically on every process, as in one process.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ no random numbers): keep the ⌊ρB⌋ pairs (at least one) of largest weight, i
 earlier pair); σ then does not matter and is not tracked. As in the authors' code (junkangwu/beta-DPO): M is in
 log-ratio units (not scaled by β0), mean_i M_i in Eq. 6 runs over the kept pairs, β_batch is clamped at 1e-3 and
 detached, and the loss is averaged over kept pairs (kept pairs are weighted B/⌊ρB⌋, filtered ones 0). Departure:
-the authors start M0 at 0, here the first batch initialises it. Statistics are per micro-batch: ``batch_level``.
+the authors start M0 at 0, here the first batch initialises it. Statistics are per micro-batch: ``batch_level``;
+with several processes the micro-batch is the global one (the trainer gathers it), so mean_i M_i, M0, β_batch
+and the filter's choice of kept pairs are those of one process on the whole micro-batch.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ reference point z0 = KL(π_θ ‖ π_ref), which the paper estimates on the micr
 (x_i, y'_i), y'_i the completion of another example, as ẑ0 = max(0, mean_i log π_θ(y'_i|x_i)/π_ref(y'_i|x_i)), with
 no gradient through it. Building the mismatched pairs is the data pipeline's job (TRL shifts the completions of a
 batch by one); they arrive here as ``policy_kl_logps`` / ``reference_kl_logps``. As in TRL, ẑ0 is detached and
-clamped at 0; TRL also averages it over data-parallel processes, which a pure function cannot do. Because ẑ0 is a
-batch statistic, the objective is ``batch_level``.
+clamped at 0. Because ẑ0 is a batch statistic, the objective is ``batch_level``: with several processes the trainer
+gathers the inputs of the whole global micro-batch before calling this function (the mismatched pairs are drawn
+from it too), so ẑ0 is the mean over the global micro-batch, exactly as one process computes it (TRL instead
+averages per-process estimates). This function itself has no collectives.
 """
 
 from __future__ import annotations

@@ -28,11 +28,13 @@ import yaml
 from torch import Tensor
 
 from .. import modeling
-from ..atomic import write_json
+from ..atomic import write_json, write_text
 from ..config import ConfigError, LoopConfig, LoraConfig, beside, load_section, validate_loop
+from ..training.distributed import is_main_process, reduce_across
 from ..training.fingerprint import model_identity, settings
 from ..training.loop import Loop, run_log
 from ..training.metrics import MeanAccumulator, tracker_names
+from ..training.schedule import sequential_batches, shards
 from .data import (
     Group,
     RewardDataConfig,
@@ -159,18 +161,26 @@ def _group_metrics(rewards: Tensor, mask: Tensor, scores: Tensor) -> dict[str, T
 
 
 @torch.no_grad()
-def evaluate_groups(rewards: TextRewards, groups: list[Group], batch_size: int) -> dict[str, float]:
-    """Held-out ``eval/loss`` (mean per list), ``eval/accuracy`` (pairwise), ``eval/margin`` (best - worst)."""
-    totals = {"loss": 0.0, "correct": 0.0, "compared": 0.0, "margin": 0.0}
-    for start in range(0, len(groups), batch_size):
-        index, mask, scores = stack_groups(groups[start : start + batch_size], rewards.device)
-        values = rewards(index)
-        totals["loss"] += float(plackett_luce_loss(values, mask).sum())
-        for key, value in _group_metrics(values, mask, scores).items():
-            totals[key] += float(value)
-    n = len(groups)
-    return {"eval/loss": totals["loss"] / n, "eval/accuracy": totals["correct"] / max(totals["compared"], 1),
-            "eval/margin": totals["margin"] / n, "eval/examples": float(n), "eval/compared_pairs": totals["compared"]}
+def evaluate_groups(rewards: TextRewards, groups: list[Group], batch_size: int, accelerator=None) -> dict[str, float]:
+    """Held-out ``eval/loss`` (mean per list), ``eval/accuracy`` (pairwise), ``eval/margin`` (best - worst).
+    With several processes (``accelerator``) each scores its share of every batch (``batch_size`` per process)
+    and the sums are added across processes: every list counted once."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    sums = MeanAccumulator()
+    for part in shards(sequential_batches(len(groups), batch_size * world), rank, world):
+        index, mask, scores = stack_groups([groups[i] for i in part], rewards.device)
+        values = rewards(index)  # a stand-in runs too: the prepared model's forward may be collective
+        if part.stand_in:
+            continue
+        metrics = _group_metrics(values, mask, scores)
+        sums.add("loss", float(plackett_luce_loss(values, mask).sum()), len(part))
+        sums.add("margin", float(metrics["margin"]), len(part))
+        sums.add("accuracy", float(metrics["correct"]), float(metrics["compared"]))
+    if accelerator is not None:
+        sums = reduce_across(sums, accelerator)
+    n, compared = sums.counts["loss"], sums.counts["accuracy"]
+    return {"eval/loss": sums.sums["loss"] / n, "eval/accuracy": sums.sums["accuracy"] / max(compared, 1),
+            "eval/margin": sums.sums["margin"] / n, "eval/examples": float(n), "eval/compared_pairs": compared}
 
 
 class RewardTask:
@@ -196,7 +206,7 @@ class RewardTask:
             return progress(batches, len(batches), "pooling (frozen backbone)")
 
         plain = accelerator.unwrap_model(module)
-        self.device = accelerator.device
+        self.device, self.accelerator = accelerator.device, accelerator
         self.rewards = TextRewards(plain, self.texts, self.tokenizer, self.config, pooling, forward=module)
 
     def micro_batch(self, positions: list[int]):
@@ -220,7 +230,7 @@ class RewardTask:
         was_training = module.training
         module.eval()
         try:
-            return evaluate_groups(self.rewards, self.held_out, self.config.training.eval_batch_size)
+            return evaluate_groups(self.rewards, self.held_out, self.config.training.eval_batch_size, self.accelerator)
         finally:
             module.train(was_training)
 
@@ -268,10 +278,11 @@ def train_reward(config: RewardConfig) -> RewardResult:
     check(config)
     t = config.training
     run_dir = Path(t.output_dir)
+    main = is_main_process()  # with several processes, the main one writes the files
     with run_log(run_dir):
-        splits = load_reward_examples(config.data, t.seed, run_dir)  # bad data fails before any model loads
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False),
-                                             encoding="utf-8")
+        splits = load_reward_examples(config.data, t.seed, run_dir if main else None)  # bad data fails here
+        if main:
+            write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
         torch.manual_seed(t.seed)
         accelerator = modeling.make_accelerator(t.precision, tracker_names(t), run_dir)
         model = build_model(config, t.seed).to(accelerator.device)
@@ -282,7 +293,7 @@ def train_reward(config: RewardConfig) -> RewardResult:
         run = Loop(t, task, accelerator, run_dir).fit()
     result = RewardResult(run_dir, run.final_dir, run.eval_before or {}, run.eval_after or {}, run.interrupted,
                           task.rewards)
-    if not run.interrupted:
+    if not run.interrupted and main:
         write_json(run_dir / "reward_summary.json", {"eval_before": result.eval_before, "eval_after": result.eval_after,
                                                      "final_dir": str(run.final_dir)})
     return result
@@ -298,6 +309,8 @@ def print_metrics(title: str, metrics: dict | None) -> None:
 def command(args: argparse.Namespace) -> int:
     """The ``preftune reward`` handler."""
     result = train_reward(load_reward_config(args.config, args.overrides))
+    if not is_main_process():  # launched on several processes: the main one reports
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted; a checkpoint is in {result.run_dir / 'checkpoints'} (run the same command to resume)")
         return 130

@@ -5,6 +5,11 @@ optimizer and scheduler states, every RNG state and ``trainer_state.json`` (the 
 batches are a pure function of seed and step). It is written under a temporary name and renamed into
 place, and rename is atomic, so a crash mid-write never leaves a broken latest checkpoint.
 
+With several processes the main one writes everything shared (weights, optimizer, scheduler, state); each
+process writes its own RNG streams (``rng`` for process 0, ``rng-rank<r>`` for the others) into the same
+temporary folder, and the main one renames the folder only after every process has finished (a barrier):
+a crash of any process before that leaves a ``.tmp-`` folder that resume ignores and the next save removes.
+
 Nothing in a checkpoint is a pickle: a checkpoint folder may come from elsewhere (``training.resume: PATH``,
 a run folder copied from someone), and unpickling runs code. Optimizer, scheduler and RNG states are JSON
 plus safetensors (``state_files`` says why not ``torch.load(weights_only=True)``). Checkpoints of earlier
@@ -27,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .distributed import ONE_PROCESS, Ranks
 from .state_files import StateFileError, load_state, save_state
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -60,6 +66,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_file(rank: int) -> str:
+    return RNG if rank == 0 else f"{RNG}-rank{rank}"
+
+
+def _fsync(files: list[Path]) -> None:
+    for file in files:
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -70,37 +86,40 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict, keep: int | None,
-    tensors: dict[str, torch.Tensor] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None, ranks: Ranks = ONE_PROCESS,
 ) -> Path:
     """Write checkpoint ``step`` atomically; keep the newest ``keep`` ones. Returns its folder.
-    ``tensors``: extra named tensors (an objective's running statistics) restored by ``load_checkpoint``."""
+    ``tensors``: extra named tensors (an objective's running statistics) restored by ``load_checkpoint``.
+    Every process calls this (it waits for all of them); ``model`` etc. are read on the main one only."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / WEIGHTS))
-    save_state(optimizer.state_dict(), tmp, OPTIMIZER)
-    save_state(scheduler.state_dict(), tmp, SCHEDULER)
-    save_state(rng_state(), tmp, RNG)
-    save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}, str(tmp / STATE_TENSORS))
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    _prune(root, keep)
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    if ranks.main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    ranks.barrier()  # the folder exists for everyone
+    _fsync(save_state(rng_state(), tmp, rng_file(ranks.rank)))
+    if ranks.main:
+        save_file(trainable_state(model), str(tmp / WEIGHTS))
+        save_state(optimizer.state_dict(), tmp, OPTIMIZER)
+        save_state(scheduler.state_dict(), tmp, SCHEDULER)
+        save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}, str(tmp / STATE_TENSORS))
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
+        _fsync([f for f in tmp.iterdir() if not f.name.startswith(f"{RNG}-rank")])
+    ranks.barrier()  # every process's files are on disk before the folder is published
+    if ranks.main:
+        if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _prune(root, keep)
+    ranks.barrier()  # nobody goes on (or reads the latest checkpoint) before it is in place
     return final
 
 
 def _prune(root: Path, keep: int | None) -> None:
     for stale in root.glob(".tmp-step-*"):  # leftovers of a crash mid-write
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     if keep:
         for old in list_checkpoints(root.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -119,8 +138,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _read_states(path: Path) -> dict:
-    """Optimizer, scheduler and RNG states, decoded (nothing applied yet)."""
+def _read_states(path: Path, rank: int) -> dict:
+    """Optimizer, scheduler and this process's RNG states, decoded (nothing applied yet). A process that the
+    writing run did not have (resumed on more processes) continues process 0's RNG streams."""
     if not (path / f"{OPTIMIZER}.json").is_file() and any((path / name).exists() for name in LEGACY_PICKLES):
         raise CheckpointError(
             f"checkpoint {path} is in the pickle format of earlier preftune versions (optimizer.pt, scheduler.pt, "
@@ -128,7 +148,8 @@ def _read_states(path: Path) -> dict:
             "or a new training.output_dir"
         )
     try:
-        return {name: load_state(path, name) for name in (OPTIMIZER, SCHEDULER, RNG)}
+        rng = rng_file(rank) if (path / f"{rng_file(rank)}.json").is_file() else RNG
+        return {**{name: load_state(path, name) for name in (OPTIMIZER, SCHEDULER)}, RNG: load_state(path, rng)}
     except StateFileError as exc:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: {exc}") from exc
 
@@ -160,12 +181,13 @@ def _scheduler_loader(scheduler):
     return restore
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; returns the trainer state."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and process ``rank``'s RNG from ``path``; returns the trainer
+    state. Every process reads the same shared files (they are replicas of one another)."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{path} is not a preftune checkpoint (no trainer_state.json)")
-    states = _read_states(path)
+    states = _read_states(path, rank)
     weights = _tensors(path, WEIGHTS)
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     state["tensors"] = _tensors(path, STATE_TENSORS) if (path / STATE_TENSORS).is_file() else {}

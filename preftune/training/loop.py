@@ -5,6 +5,12 @@ resume, Ctrl-C, and the final export.
 
 Read ``Loop.fit`` top to bottom: resume, evaluate, then for each optimizer step run its micro-batches, clip,
 step, log, evaluate, checkpoint; then the last evaluation, checkpoint and ``final/``.
+
+Launched on several processes (``accelerate launch``, ``torchrun``), every process runs this same loop on its
+rows of each global micro-batch (``schedule.Shard``); what is logged is reduced over all of them, and files
+are written by the main process alone (``distributed``, ``checkpoint``, ``MetricsWriter``). Decisions that
+one process could take alone (stop on Ctrl-C, stop on a non-finite loss, which checkpoint to resume) are
+shared first, so that no process waits in a collective the others never reach.
 """
 
 from __future__ import annotations
@@ -26,9 +32,17 @@ from transformers import get_scheduler
 
 from ..config import LoopConfig
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .distributed import (
+    Ranks,
+    any_process,
+    is_main_process,
+    main_decides,
+    reduce_across,
+    refuse_sharding_engines,
+)
 from .fingerprint import check_same_run
 from .metrics import MeanAccumulator, MetricsWriter, finite, read_metrics
-from .schedule import BatchSchedule
+from .schedule import BatchSchedule, Shard
 
 log = logging.getLogger("preftune")
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -61,19 +75,24 @@ class Task(Protocol):
 
     def param_groups(self, config: LoopConfig) -> list[dict]: ...
     def attach(self, module: torch.nn.Module, accelerator: Accelerator, progress) -> None: ...
-    def micro_batch(self, positions: list[int]) -> Batch: ...
+    def micro_batch(self, positions: Shard) -> Batch:
+        """This process's rows of a global micro-batch (``positions.group``); a stand-in batch when
+        ``positions.stand_in`` (its loss is weighted 0 and its statistics dropped by the loop)."""
     def loss(self, module, batch: Batch, step: int, micro: int, weight: float,
              stats: MeanAccumulator) -> tuple[torch.Tensor, int]:
         """The micro-batch's share of the step's loss (0-d, with gradient): the sum of its examples' losses
         times ``weight`` (1 / examples in the step, times the process count); and the tokens processed."""
-    def evaluate(self, module) -> dict[str, float] | None: ...
+    def evaluate(self, module) -> dict[str, float] | None:
+        """Held-out metrics over every example once: each process scores its share, sums are reduced
+        across processes; every process returns the same numbers."""
     # optional: ``samples(module) -> list[dict] | None``, generations written beside each evaluation
     def after_step(self, module, done: int, stats: MeanAccumulator) -> None: ...
     def checkpoint_state(self) -> tuple[dict, dict[str, torch.Tensor]]: ...
     def fingerprint(self) -> dict:
-        """``{"settings": dotted config without output-only keys, "data": ..., "model": ...}`` (see fingerprint.py)."""
+        """``{"settings": dotted config without output-only keys, "data": ..., "model": ...}`` (fingerprint.py)."""
     def restore_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None: ...
-    def export(self, module, history: list[dict]) -> Path: ...
+    def export(self, module, history: list[dict]) -> Path:
+        """Write ``final/``; called on the main process only."""
 
 
 class StopRequest:
@@ -102,7 +121,16 @@ class StopRequest:
 
 @contextlib.contextmanager
 def run_log(run_dir: Path) -> Iterator[None]:
-    """Everything the ``preftune`` logger says during the run also goes to ``<run_dir>/train.log``."""
+    """Everything the ``preftune`` logger says during the run also goes to ``<run_dir>/train.log``. With
+    several processes only the main one writes the file and logs below WARNING (the others would repeat it)."""
+    if not is_main_process():
+        previous = log.level
+        log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            log.setLevel(previous)
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -120,6 +148,8 @@ class Loop:
 
     def __init__(self, config: LoopConfig, task: Task, accelerator: Accelerator, run_dir: Path):
         self.config, self.task, self.accelerator, self.run_dir = config, task, accelerator, run_dir
+        self.ranks = Ranks.of(accelerator)
+        refuse_sharding_engines(accelerator)
         world = accelerator.num_processes
         self.schedule = BatchSchedule(task.num_examples, config.batch_size * world, config.gradient_accumulation_steps,
                                       config.seed, accelerator.process_index, world)
@@ -138,6 +168,10 @@ class Loop:
         return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
 
     def _resume_point(self) -> Path | None:
+        """The checkpoint to resume from, as the main process sees the run directory."""
+        return main_decides(self.accelerator, self._find_resume_point() if self.ranks.main else None)
+
+    def _find_resume_point(self) -> Path | None:
         mode = self.config.resume
         if mode == "never":
             if list_checkpoints(self.run_dir):
@@ -153,24 +187,28 @@ class Loop:
 
     def _save(self, step: int) -> Path:
         extra, tensors = self.task.checkpoint_state()
+        # the logging window since the last row, summed over processes (the main process restores it)
+        window = reduce_across(self.stats, self.accelerator).state()
         state = {"epoch": self.schedule.epoch_of(step), "total_steps": self.total_steps, **extra,
-                 "fingerprint": self.fingerprint, "logging_window": self.stats.state()}
+                 "fingerprint": self.fingerprint, "logging_window": window}
         if self.accelerator.scaler is not None:  # fp16: the loss scale is part of exact resume
             state["grad_scaler"] = self.accelerator.scaler.state_dict()
         path = save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.module), self.optimizer,
-                               self.scheduler, state, self.config.save_total_limit, tensors=tensors)
+                               self.scheduler, state, self.config.save_total_limit, tensors=tensors,
+                               ranks=self.ranks)
         log.info("checkpoint written: %s", path)
         return path
 
     def _resume(self, checkpoint: Path) -> int:
         """Restore weights, optimizer, scheduler, RNG and the task's own state; returns the step."""
         restored = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.module), self.optimizer,
-                                   self.scheduler)
+                                   self.scheduler, rank=self.ranks.rank)
         for change in check_same_run(restored.get("fingerprint"), self.fingerprint, checkpoint):
             log.warning("resuming with another run length (%s): the learning-rate schedule follows the new one",
                         change)
         self.task.restore_state(restored, restored["tensors"])
-        self.stats = MeanAccumulator.from_state(restored.get("logging_window"))
+        if self.ranks.main:  # the window was saved summed over processes: counted once
+            self.stats = MeanAccumulator.from_state(restored.get("logging_window"))
         if self.accelerator.scaler is not None and "grad_scaler" in restored:
             self.accelerator.scaler.load_state_dict(restored["grad_scaler"])
         log.info("resumed from %s at step %d of %d", checkpoint, restored["step"], self.total_steps)
@@ -206,11 +244,14 @@ class Loop:
                 step_tokens = self._optimizer_step(step, stats)
                 elapsed = time.perf_counter() - began
                 tokens, seconds = tokens + step_tokens, seconds + elapsed
-                stats.add("tokens_per_second", step_tokens, elapsed)
+                # summed over processes: the global batch's tokens over the (mean) time of one step
+                stats.add("tokens_per_second", step_tokens, elapsed / self.ranks.world)
                 done = step + 1
                 self.task.after_step(self.module, done, stats)
+                stop_requested = any_process(self.accelerator, stop.requested)[0]  # every process stops together
                 if done % t.logging_steps == 0 or done == self.total_steps:
-                    row = {"step": done, "epoch": round(self.schedule.epoch_of(done), 4), **stats.means(),
+                    means = reduce_across(stats, self.accelerator).means()
+                    row = {"step": done, "epoch": round(self.schedule.epoch_of(done), 4), **means,
                            "lr": self.scheduler.get_last_lr()[0]}
                     writer.write(row)
                     if hasattr(bar, "set_postfix"):
@@ -219,45 +260,65 @@ class Loop:
                     self.stats = MeanAccumulator()
                 if t.eval_steps and done % t.eval_steps == 0 and done != self.total_steps:
                     self._evaluate(writer, done)
-                if (t.save_steps and done % t.save_steps == 0) or (stop.requested and done < self.total_steps):
+                # the last step's checkpoint comes after the final evaluation (_finish)
+                if done < self.total_steps and ((t.save_steps and done % t.save_steps == 0) or stop_requested):
                     self._save(done)
-                if stop.requested and done < self.total_steps:
+                if stop_requested and done < self.total_steps:
                     interrupted = True
                     break
-        result = self._finish(writer, done, interrupted, eval_before)
+        result = self._finish(writer, done, interrupted, eval_before, resumed_at_end=start == self.total_steps > 0)
         result.tokens_per_second = tokens / seconds if seconds else 0.0
         return result
 
-    def _finish(self, writer: MetricsWriter, final_step: int, interrupted: bool, eval_before) -> TrainResult:
-        """Held-out evaluation, a last checkpoint and ``final/`` — unless the run was interrupted."""
+    def _finish(self, writer: MetricsWriter, final_step: int, interrupted: bool, eval_before,
+                 resumed_at_end: bool) -> TrainResult:
+        """Held-out evaluation, then the last checkpoint (so a checkpoint at the last step means its evaluation
+        row is written: a run killed during the export resumes to the export alone), and ``final/``; nothing
+        but the metrics file if the run was interrupted."""
         eval_after = final_dir = None
-        if not interrupted:
+        if not interrupted and resumed_at_end:
+            rows = [r for r in read_metrics(self.run_dir) if r["step"] == final_step and any("/" in k for k in r)
+                    and "loss" not in r]
+            eval_after = {k: v for k, v in rows[-1].items() if k != "step"} if rows else None
+        elif not interrupted:
             eval_after = self._evaluate(writer, final_step)
-            latest = latest_checkpoint(self.run_dir)
-            if latest is None or latest.name != f"step-{final_step:08d}":
-                self._save(final_step)
+            self._save(final_step)
         writer.close()
+        self.ranks.barrier()  # metrics.jsonl is complete before anyone reads it
         history = read_metrics(self.run_dir)
         if not interrupted:
-            final_dir = self.task.export(self.accelerator.unwrap_model(self.module), history)
+            final_dir = Path(self.config.output_dir) / "final"
+            if self.ranks.main:
+                final_dir = self.task.export(self.accelerator.unwrap_model(self.module), history)
+            self.ranks.barrier()  # final/ is in place when any process returns
         return TrainResult(self.run_dir, final_dir, final_step, eval_before, eval_after, history,
                            interrupted=interrupted)
 
     def _optimizer_step(self, step: int, stats: MeanAccumulator) -> int:
-        """Run the micro-batches of one optimizer step and apply it; returns the tokens processed."""
+        """Run this process's share of the micro-batches of one optimizer step and apply it; returns the
+        tokens it processed."""
         micro = self.schedule.step(step)
-        # Each example weighs 1/N of the step's N examples whatever the micro-batch split: 1x8 == 8x1.
-        weight = self.accelerator.num_processes / sum(len(m) for m in micro)
-        tokens = 0
-        for i, positions in enumerate(micro):
-            batch = self.task.micro_batch(self.schedule.shard(positions))
+        # Each example weighs 1/N of the step's N examples whatever the micro-batch split: 1x8 == 8x1. DDP
+        # averages gradients over the P processes, hence the factor P: P processes x b == 1 process x P*b.
+        weight = self.ranks.world / sum(len(m) for m in micro)
+        tokens, bad_loss = 0, None
+        for i, group in enumerate(micro):
+            shard = self.schedule.shard(group)
+            batch = self.task.micro_batch(shard)
             last = i == len(micro) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.module):
-                loss, batch_tokens = self.task.loss(self.module, batch, step, i, weight, stats)
+                counted = MeanAccumulator() if shard.stand_in else stats  # a stand-in's numbers are not counted
+                loss, batch_tokens = self.task.loss(self.module, batch, step, i, 0.0 if shard.stand_in else weight,
+                                                    counted)
                 if not finite(loss):
-                    raise NonFiniteLossError(self._nonfinite_message(step, "loss", float(loss.detach())))
-                self.accelerator.backward(loss)
-            tokens += batch_tokens
+                    bad_loss = float(loss.detach())
+                    if self.ranks.world == 1:
+                        raise NonFiniteLossError(self._nonfinite_message(step, "loss", bad_loss))
+                self.accelerator.backward(loss)  # with several processes, all must reach the gradient all-reduce
+            tokens += 0 if shard.stand_in else batch_tokens
+        if any_process(self.accelerator, bad_loss is not None)[0]:
+            shown = bad_loss if bad_loss is not None else float("nan")
+            raise NonFiniteLossError(self._nonfinite_message(step, "loss (on at least one process)", shown))
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = self.accelerator.clip_grad_norm_(self.module.parameters(), max_norm)
         if not finite(grad_norm) and not self._scaler_skips(step):

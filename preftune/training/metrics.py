@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from ..atomic import write_text
 from ..config import ConfigError, LoopConfig
 from ..objectives import GroupLogps, ObjectiveOutput, PairedLogps
 
@@ -156,16 +157,22 @@ def _log_samples(tracker, step: int, rows: list[dict]) -> None:
 
 class MetricsWriter:
     """Appends rows to ``metrics.jsonl`` (and sample generations to ``samples.jsonl``) and reports the same
-    names to the accelerator's trackers (``training.report_to``), the run's config as hyper-parameters."""
+    names to the accelerator's trackers (``training.report_to``), the run's config as hyper-parameters: the one
+    place where logged rows leave the run.
+
+    With several processes every one computes the same rows (sums reduced across processes first), and only
+    the main one writes: the others' writer touches no file (accelerate logs to trackers from the main one).
+    """
 
     def __init__(self, run_dir: Path, resume_step: int | None, accelerator, config: LoopConfig):
-        self.run_dir, self.accelerator = Path(run_dir), accelerator
+        self.run_dir, self.accelerator, self.main = Path(run_dir), accelerator, accelerator.is_main_process
         self.path, self.samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
-        for path in (self.path, self.samples_path):
-            if resume_step is not None:
-                _truncate_after(path, resume_step)
-            elif path.exists():
-                path.unlink()
+        if self.main:
+            for path in (self.path, self.samples_path):
+                if resume_step is not None:
+                    _truncate_after(path, resume_step)
+                elif path.exists():
+                    path.unlink()
         if accelerator.log_with:
             config_file = self.run_dir / "config.yaml"
             hparams = _flat(yaml.safe_load(config_file.read_text(encoding="utf-8"))) if config_file.exists() else None
@@ -173,12 +180,16 @@ class MetricsWriter:
                                       _tracker_kwargs(config, self.run_dir, resume_step))
 
     def write(self, row: dict) -> None:
+        if not self.main:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         self.accelerator.log(values, step=row["step"])
 
     def write_samples(self, step: int, rows: list[dict]) -> None:
+        if not self.main:
+            return
         with open(self.samples_path, "a", encoding="utf-8") as handle:
             handle.writelines(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows)
         for tracker in self.accelerator.trackers:
@@ -192,12 +203,20 @@ class MetricsWriter:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: drop the killed run's rows for them."""
+    """A resumed run repeats the steps after its checkpoint: drop the killed run's rows for them (and a row it
+    was killed in the middle of writing). Rewritten atomically: a second kill loses nothing."""
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a row cut short by a kill
+        return None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

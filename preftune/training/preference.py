@@ -15,7 +15,8 @@ import torch
 
 from .. import modeling
 from ..config import Config, save_config, to_dict
-from ..data import Collator, TokenizedSplits, batches, content_hash, read_splits, tokenize_splits
+from ..data import Collator, TokenizedSplits, content_hash, read_splits, tokenize_splits
+from .distributed import RowGather, collate_shard, is_main_process, reduce_across
 from .export import export_final
 from .fingerprint import model_identity, settings
 from .logps import CompletionLogps
@@ -23,8 +24,8 @@ from .loop import Loop, TrainResult, run_log
 from .metrics import MeanAccumulator, add_batch_statistics, tracker_names
 from .reference import build_reference, precompute_reference
 from .samples import generate_samples, sample_prompts
-from .schedule import sequential_batches
-from .step import Scorer, evaluate
+from .schedule import Shard, sequential_batches, shards
+from .step import Scorer, evaluation_sums, is_stand_in
 from .sync import syncing_reference
 
 log = logging.getLogger("preftune")
@@ -53,9 +54,10 @@ class PreferenceTask:
         # what the progress bar shows beside the loss: SFT has no rejected completion to be accurate about
         self.progress_metric = ("rewards/accuracies", "acc") if objective.uses_rejected else ("logps/chosen", "logps")
         if objective.batch_level and t.gradient_accumulation_steps > 1:
-            log.warning("objective %r compares examples within a micro-batch: with gradient accumulation its "
-                        "loss is that of %d batches of %d, not of one batch of %d", objective.name,
-                        t.gradient_accumulation_steps, t.batch_size, t.batch_size * t.gradient_accumulation_steps)
+            log.warning("objective %r compares examples within a (global) micro-batch: with gradient accumulation "
+                        "its loss is that of %d batches of %d per device, not of one batch of %d per device",
+                        objective.name, t.gradient_accumulation_steps, t.batch_size,
+                        t.batch_size * t.gradient_accumulation_steps)
         value_head = _value_head(policy) if objective.needs_value else None
         self.module = CompletionLogps(policy, t.logps_chunk_size, value_head)
         self.state: dict[str, torch.Tensor] = {}  # the objective's running statistics (β-DPO, BCO)
@@ -79,8 +81,10 @@ class PreferenceTask:
         if reference is not None and config.reference.precompute:
             self._precompute(reference)
         token_reference = reference.token_level() if objective.needs_live_reference else None
-        self.scorer = Scorer(module, self.train_reference, objective, token_reference)
-        self.eval_scorer = Scorer(module, self.eval_reference, objective, token_reference)
+        # a batch-level objective sees the global micro-batch, gathered from every process
+        gather = RowGather(accelerator) if objective.batch_level and accelerator.num_processes > 1 else None
+        self.scorer = Scorer(module, self.train_reference, objective, token_reference, gather)
+        self.eval_scorer = Scorer(module, self.eval_reference, objective, token_reference, gather)
         if config.data.retain_file:
             from .retain import RetainSet
 
@@ -88,18 +92,18 @@ class PreferenceTask:
                                     accelerator.num_processes)
 
     def _precompute(self, reference) -> None:
-        device = self.accelerator.device
+        accelerator = self.accelerator
         self.train_reference = precompute_reference(
-            self.config, reference, self.data.train, self.collator, device, "train", self.progress)
+            self.config, reference, self.data.train, self.collator, "train", self.progress, accelerator)
         if self.data.eval:
             self.eval_reference = precompute_reference(
-                self.config, reference, self.data.eval, self.collator, device, "eval", self.progress)
+                self.config, reference, self.data.eval, self.collator, "eval", self.progress, accelerator)
         if not self.config.lora.enabled:
             reference.release()  # free the frozen copy: from now on the cache answers
         log.info("reference log-probs precomputed; the reference model is no longer needed")
 
-    def micro_batch(self, positions: list[int]):
-        return next(batches(self.data.train, [positions], self.collator, self.accelerator.device))
+    def micro_batch(self, positions: Shard):
+        return collate_shard(self.data.train, positions, self.collator, self.accelerator.device)
 
     def loss(self, module, batch, step: int, micro: int, weight: float,
              stats: MeanAccumulator) -> tuple[torch.Tensor, int]:
@@ -107,16 +111,21 @@ class PreferenceTask:
         loss = out.losses.sum() * weight
         if self.retain is not None:  # weighted over the step's retain examples by the retain set itself
             loss = loss + self.retain.loss(module, step, micro, stats)
-        add_batch_statistics(stats, out, logps)
+        if not is_stand_in(batch):
+            add_batch_statistics(stats, out, logps)
         self.state = {**self.state, **out.state}
         return loss, int(batch["attention_mask"].sum())
 
     def evaluate(self, module) -> dict[str, float] | None:
+        """Held-out metrics; every example once, in global batches of ``eval_batch_size`` per process."""
         if not self.data.eval:
             return None
-        order = sequential_batches(len(self.data.eval), self.config.training.eval_batch_size)
-        loader = batches(self.data.eval, order, self.collator, self.accelerator.device)
-        return evaluate(self.eval_scorer, self.progress(loader, len(order), "evaluating"), module, self.state)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        parts = shards(sequential_batches(len(self.data.eval), self.config.training.eval_batch_size * world),
+                       rank, world)
+        loader = (collate_shard(self.data.eval, part, self.collator, self.accelerator.device) for part in parts)
+        sums = evaluation_sums(self.eval_scorer, self.progress(loader, len(parts), "evaluating"), module, self.state)
+        return {f"eval/{k}": v for k, v in reduce_across(sums, self.accelerator).means().items()}
 
     def samples(self, module) -> list[dict] | None:
         """Greedy generations for ``training.sample_prompts`` fixed prompts (``samples.py``), every process
@@ -169,12 +178,15 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
     run_dir = Path(config.training.output_dir)
     with run_log(run_dir):
         log.info("preftune %s: objective %s, run directory %s", command, objective.name, run_dir)
-        splits = read_splits(config, objective, run_dir)  # bad data fails here, before any model loads
-        save_config(config, run_dir / "config.yaml")
+        main = is_main_process()
+        # bad data fails here, before any model loads; the main process writes the skip report
+        splits = read_splits(config, objective, run_dir if main else None)
+        if main:
+            save_config(config, run_dir / "config.yaml")
         torch.manual_seed(config.training.seed)
         accelerator = modeling.make_accelerator(config.training.precision, tracker_names(config.training), run_dir)
         tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
-        data = tokenize_splits(config, splits, tokenizer, run_dir)
+        data = tokenize_splits(config, splits, tokenizer, run_dir if main else None)
         policy = modeling.place(modeling.load_policy(config), accelerator.device)
         trainable, total = modeling.count_parameters(policy)
         log.info("policy: %s%s, %d of %d parameters trainable", config.model.name_or_path,

@@ -20,9 +20,11 @@ from torch import Tensor, nn
 
 from .. import modeling
 from ..config import Config
-from ..data import Collator, TokenizedExample, batches, content_hash, row_layout
+from ..data import Collator, TokenizedExample, content_hash, row_layout
+from .distributed import Ranks, collate_shard, main_decides
 from .logps import TokenReference, completion_logps
-from .schedule import sequential_batches
+from .schedule import sequential_batches, shards
+from .step import is_stand_in
 
 log = logging.getLogger("preftune")
 Batch = dict[str, Tensor]
@@ -151,31 +153,46 @@ def cache_key(weights: str, data_hash: str, chunk_precision: str) -> str:
 
 def precompute(
     reference: ModelReference, batches: Iterable[Batch], size: int, slots: int, cache_file: Path,
-    covered: list[int], progress: Callable | None = None,
+    covered: list[int], progress: Callable | None = None, accelerator=None,
 ) -> CachedReference:
     """Run ``reference`` over every batch once and cache the ``(size, slots)`` table at ``cache_file``
     (NaN where an example has fewer completions).
 
     A table already at ``cache_file`` is reused: its key covers the reference weights, the tokenized data
-    (so tokenizer, text and truncation settings) and the precision.
+    (so tokenizer, text and truncation settings) and the precision. With several processes (``accelerator``)
+    each computes the rows of its share of ``batches`` (``Shard`` batches), the tables are summed across
+    processes, and the main process alone writes the file while the others wait.
     """
-    if cache_file.is_file():
-        table = load_file(str(cache_file))["reference_logps"]
-        if table.shape[0] == size:
-            log.info("reusing cached reference log-probs %s", cache_file)
-            return CachedReference(table)
-    table = torch.full((size, slots), float("nan"))
+    ranks = Ranks.of(accelerator) if accelerator is not None else Ranks()
+    cached = load_file(str(cache_file))["reference_logps"] if cache_file.is_file() else None
+    reuse = cached is not None and cached.shape[0] == size
+    if accelerator is not None and main_decides(accelerator, reuse if ranks.main else None) != reuse:
+        raise RuntimeError(f"processes disagree on whether {cache_file} exists: is reference.cache_dir local to "
+                           "each machine? Put it on storage every process sees")
+    if reuse:
+        log.info("reusing cached reference log-probs %s", cache_file)
+        return CachedReference(cached)
+    table, seen = torch.zeros((size, slots), dtype=torch.float64), torch.zeros((size, slots))
     iterator = progress(batches) if progress else batches
     for batch in iterator:
+        if is_stand_in(batch):  # nothing of this batch is this process's (the reference's forward is local)
+            continue
         example, slot, _ = row_layout(batch)
-        table[batch["index"][example].cpu(), slot.cpu()] = reference(batch).float().cpu()
+        rows, slot = batch["index"][example].cpu(), slot.cpu()
+        table[rows, slot], seen[rows, slot] = reference(batch).double().cpu(), 1.0
+    if accelerator is not None and ranks.world > 1:
+        table = accelerator.reduce(table.to(accelerator.device), "sum").cpu()
+        seen = accelerator.reduce(seen.to(accelerator.device), "sum").cpu()
+    table = table.float().masked_fill(seen == 0, float("nan"))
     if torch.isnan(table[covered, 0]).any():
         raise RuntimeError("reference precomputation did not cover every example; this is a bug in the batching")
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    save_file({"reference_logps": table}, str(tmp))
-    tmp.replace(cache_file)
-    log.info("cached reference log-probs for %d examples at %s", size, cache_file)
+    if ranks.main:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        save_file({"reference_logps": table}, str(tmp))
+        tmp.replace(cache_file)
+        log.info("cached reference log-probs for %d examples at %s", size, cache_file)
+    ranks.barrier()
     return CachedReference(table)
 
 
@@ -196,16 +213,19 @@ def build_reference(config: Config, objective, policy: nn.Module, autocast) -> M
 
 
 def precompute_reference(
-    config: Config, reference: ModelReference, examples: list[TokenizedExample], collator: Collator,
-    device: torch.device, split: str, progress,
+    config: Config, reference: ModelReference, examples: list[TokenizedExample], collator: Collator, split: str,
+    progress, accelerator,
 ) -> CachedReference:
-    """Reference log-probs of a whole split, cached on disk under a hash of everything they depend on."""
+    """Reference log-probs of a whole split, cached on disk under a hash of everything they depend on;
+    each process of ``accelerator`` computes its share of every batch (``eval_batch_size`` per process)."""
     key = cache_key(reference.weights_digest(), content_hash(examples),
                     f"{config.training.precision}|{config.model.dtype}")
     cache_file = Path(config.reference.cache_dir).expanduser() / f"{key}.safetensors"
     size = max(ex.index for ex in examples) + 1
     slots = max(len(ex.completions) for ex in examples)
-    order = sequential_batches(len(examples), config.training.eval_batch_size)
-    return precompute(reference, batches(examples, order, collator, device), size, slots, cache_file,
-                      covered=[ex.index for ex in examples],
-                      progress=lambda it: progress(it, total=len(order), desc=f"reference log-probs ({split})"))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    parts = shards(sequential_batches(len(examples), config.training.eval_batch_size * world), rank, world)
+    loader = (collate_shard(examples, part, collator, accelerator.device) for part in parts)
+    return precompute(reference, loader, size, slots, cache_file, covered=[ex.index for ex in examples],
+                      progress=lambda it: progress(it, total=len(parts), desc=f"reference log-probs ({split})"),
+                      accelerator=accelerator)

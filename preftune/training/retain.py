@@ -39,8 +39,11 @@ class RetainSet:
         """λ · (mean token NLL), weighted so that the step's retain examples average as one batch."""
         positions = self.schedule.step(step)
         total = sum(len(p) for p in positions)
-        batch = next(batches(self.examples, [self.schedule.shard(positions[micro])], self.collator, self.device))
+        shard = self.schedule.shard(positions[micro])
+        batch = next(batches(self.examples, [shard], self.collator, self.device))
         out = policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         nll = -out.sums / out.counts.clamp(min=1)
+        if shard.stand_in:  # no retain example for this process here: run one, count nothing (schedule.Shard)
+            return nll.sum() * 0.0
         stats.add("retain/nll", float(nll.detach().sum()), nll.shape[0])
         return self.weight * nll.sum() * self.world / total

@@ -51,8 +51,34 @@ class BatchSchedule:
         first = step * self.accumulation
         return [self.micro_batch(k) for k in range(first, first + self.accumulation)]
 
-    def shard(self, positions: list[int]) -> list[int]:
-        return positions[self.rank :: self.world]
+    def shard(self, positions: list[int]) -> Shard:
+        return Shard.of(positions, self.rank, self.world)
+
+
+class Shard(list):
+    """This process's positions of a global micro-batch: rows ``rank::world``. ``group`` is the whole global
+    micro-batch (what one process would hold): KTO's mismatched pairs are drawn from it.
+
+    A micro-batch smaller than the number of processes leaves some with no example; such a process runs a
+    *stand-in* (the group's first example, ``stand_in`` True) whose loss is weighted 0 and whose statistics
+    are not counted, because every process must run the same forwards and backwards for the collectives in
+    them (DDP's gradient all-reduce and buffer broadcast, FSDP's all-gathers) to meet.
+    """
+
+    group: list[int]
+    stand_in: bool
+
+    @classmethod
+    def of(cls, group: list[int], rank: int, world: int) -> Shard:
+        mine = group[rank::world]
+        shard = cls(mine or group[:1])
+        shard.group, shard.stand_in = list(group), not mine
+        return shard
+
+
+def shards(groups: list[list[int]], rank: int, world: int) -> list[Shard]:
+    """Each process's share of every global batch (evaluation, reference precomputation)."""
+    return [Shard.of(group, rank, world) for group in groups]
 
 
 def sequential_batches(size: int, batch_size: int) -> list[list[int]]:

@@ -13,9 +13,12 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from accelerate import PartialState
+
 from ..atomic import write_jsonl
 from ..config import Config, save_config
 from ..data import read_splits
+from .distributed import is_main_process
 from .loop import TrainResult, run_log
 from .metrics import read_metrics
 from .preference import train_run
@@ -28,24 +31,26 @@ def _rows(examples) -> list[dict]:
     return [{k: v for k, v in dataclasses.asdict(ex).items() if k != "source"} for ex in examples]
 
 
-def stage_files(config: Config, splits, folder: Path) -> tuple[list[Path], Path | None]:
+def stage_files(config: Config, splits, folder: Path, write: bool = True) -> tuple[list[Path], Path | None]:
     """``training.stages: N`` cuts the validated train split into N consecutive parts in file order (sort
-    the file easy-to-hard for the paper's curriculum); a list of files gives one stage per file."""
+    the file easy-to-hard for the paper's curriculum); a list of files gives one stage per file. ``write``:
+    False on all but the main process, which writes the parts (the others only need their names)."""
     stages = config.training.stages
     if isinstance(stages, list):  # each stage run reads its file with the recipe's own data settings
         return [Path(p) for p in stages], None
-    folder.mkdir(parents=True, exist_ok=True)
     eval_file = None
     if splits.eval:
         eval_file = folder / "eval.jsonl"
-        write_jsonl(eval_file, _rows(splits.eval))
+        if write:
+            write_jsonl(eval_file, _rows(splits.eval))
     if stages > len(splits.train):
         raise ValueError(f"training.stages={stages} but only {len(splits.train)} training examples")
     bounds = [round(i * len(splits.train) / stages) for i in range(stages + 1)]
     files = []
     for t in range(stages):
         path = folder / f"stage-{t + 1}.jsonl"
-        write_jsonl(path, _rows(splits.train[bounds[t] : bounds[t + 1]]))
+        if write:
+            write_jsonl(path, _rows(splits.train[bounds[t] : bounds[t + 1]]))
         files.append(path)
     return files, eval_file
 
@@ -77,7 +82,7 @@ def _finished(run_dir: Path) -> TrainResult:
 def read_stage_data(config: Config, objective):
     """Every stage's rows validated before any model loads: the train file's splits for ``stages: N``; each
     file (split by the recipe's own eval settings) for a list of files."""
-    root = Path(config.training.output_dir)
+    root = Path(config.training.output_dir) if is_main_process() else None  # where skipped rows are reported
     if isinstance(config.training.stages, list):
         for path in config.training.stages:
             read_splits(dataclasses.replace(config, data=dataclasses.replace(config.data, train_file=path)),
@@ -91,8 +96,11 @@ def train_in_stages(config: Config, objective, command: str = "train") -> TrainR
     root = Path(config.training.output_dir)
     with run_log(root):
         splits = read_stage_data(config, objective)
-        files, eval_file = stage_files(config, splits, root / "stages")
-        save_config(config, root / "config.yaml")
+        main = is_main_process()  # with several processes the main one writes, the others wait for it
+        files, eval_file = stage_files(config, splits, root / "stages", write=main)
+        if main:
+            save_config(config, root / "config.yaml")
+        PartialState().wait_for_everyone()
         start, result = config.model.name_or_path, None
         for t, data_file in enumerate(files, start=1):
             stage = stage_config(config, t, len(files), data_file, eval_file, start)

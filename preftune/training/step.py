@@ -31,6 +31,9 @@ class Scorer:
     plan: ObjectivePlan
     # Token-level objectives see the reference position by position, inside the policy's forward.
     token_reference: TokenReference | None = None
+    # Several processes and a ``batch_level`` objective: a ``distributed.RowGather`` that assembles the
+    # global micro-batch's inputs, so the objective sees what one process would see.
+    gather: Callable | None = None
 
     def __call__(self, batch: Batch, state: Mapping[str, Tensor] | None = None
                  ) -> tuple[ObjectiveOutput, PairedLogps | GroupLogps]:
@@ -44,7 +47,15 @@ class Scorer:
         if self.token_reference is not None:
             reference = out.reference_sums
         logps = build_inputs(self.plan, batch, out, reference, state or {})
-        return self.plan.compute(logps), logps
+        if self.gather is None:
+            return self.plan.compute(logps), logps
+        rows = 0 if is_stand_in(batch) else logps.batch_size
+        return self.gather.local(self.plan.compute(self.gather(logps, rows))), logps
+
+
+def is_stand_in(batch: Batch) -> bool:
+    """A batch a process runs only to keep collectives in step (``schedule.Shard``): nothing in it counts."""
+    return bool(batch.get("stand_in", False))
 
 
 @torch.no_grad()
@@ -52,16 +63,24 @@ def evaluate(scorer: Scorer, batches, model: torch.nn.Module, state: Mapping[str
              prefix: str = "eval/") -> dict[str, float]:
     """Example-weighted metrics over every batch; the model is in eval mode meanwhile. Running objective
     statistics are read, never updated, by evaluation."""
+    return {f"{prefix}{k}": v for k, v in evaluation_sums(scorer, batches, model, state).means().items()}
+
+
+@torch.no_grad()
+def evaluation_sums(scorer: Scorer, batches, model: torch.nn.Module,
+                    state: Mapping[str, Tensor] | None = None) -> MeanAccumulator:
+    """The sums and counts behind ``evaluate`` (one process's share, to be added across processes)."""
     was_training = model.training
     model.eval()
     acc = MeanAccumulator()
     try:
         for batch in batches:
             out, logps = scorer(batch, state)
-            add_batch_statistics(acc, out, logps)
+            if not is_stand_in(batch):
+                add_batch_statistics(acc, out, logps)
     finally:
         model.train(was_training)
-    return {f"{prefix}{k}": v for k, v in acc.means().items()}
+    return acc
 
 
 def _grid(values: Tensor, example: Tensor, slot: Tensor, shape: tuple[int, int], fill: float = 0.0) -> Tensor:
