@@ -215,13 +215,15 @@ class Objective:
     needs_value: bool = False
     # GroupLogps fields the objective requires beyond policy_logps/tokens/mask.
     requires: tuple[str, ...] = ()
+    # GroupLogps fields it uses when the batch has them (KTO's mismatched rows: none in a batch of one).
+    uses: tuple[str, ...] = ()
 
     @property
     def needs_live_reference(self) -> bool:
         """Objectives that look at the reference token by token, or at rows that depend on the batch's
         composition (KTO's mismatched pairs), cannot use reference sums precomputed per example."""
         token_level = self.needs_token_logps or self.needs_token_kl
-        return self.needs_reference and (token_level or "reference_kl_logps" in self.requires)
+        return self.needs_reference and (token_level or "reference_kl_logps" in self.requires + self.uses)
 
 
 def check_positive(name: str, value: float) -> None:

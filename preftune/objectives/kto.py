@@ -10,6 +10,10 @@ clamped at 0. Because ẑ0 is a batch statistic, the objective is ``batch_level`
 gathers the inputs of the whole global micro-batch before calling this function (the mismatched pairs are drawn
 from it too), so ẑ0 is the mean over the global micro-batch, exactly as one process computes it (TRL instead
 averages per-process estimates). This function itself has no collectives.
+
+A micro-batch of one example has no other completion to mismatch (it happens as the remainder of an epoch):
+it then uses the last ẑ0 estimated on a larger micro-batch, carried as running state (``kto/kl``), and 0 (the
+estimate's floor) before any was made.
 """
 
 from __future__ import annotations
@@ -45,7 +49,12 @@ def kto_loss(logps: GroupLogps, params: KTOParams) -> ObjectiveOutput:
         raise ValueError(f"kto takes one completion per example: policy_logps must be (B, 1), got "
                          f"{tuple(logps.policy_logps.shape)}")
     logratios = logps.logratios()[:, 0]
-    kl = (logps.policy_kl_logps - logps.reference_kl_logps).mean().clamp(min=0).detach()  # ẑ0, §4.1
+    state = {}
+    if logps.policy_kl_logps is not None and logps.reference_kl_logps is not None:
+        kl = (logps.policy_kl_logps - logps.reference_kl_logps).mean().clamp(min=0).detach()  # ẑ0, §4.1
+        state = {"kto/kl": kl}
+    else:  # a micro-batch of one: the last estimate (see the module docstring)
+        kl = logps.state.get("kto/kl", logratios.new_zeros(())).to(logratios)
     desirable = logps.labels.bool()
     value = torch.where(desirable, torch.sigmoid(params.beta * (logratios - kl)),  # v(x, y), Eq. 8
                         torch.sigmoid(params.beta * (kl - logratios)))
@@ -58,4 +67,5 @@ def kto_loss(logps: GroupLogps, params: KTOParams) -> ObjectiveOutput:
         chosen_rewards=torch.where(desirable, rewards, missing),
         rejected_rewards=torch.where(desirable, missing, rewards),
         metrics={"kl": kl},
+        state=state,
     )

@@ -132,7 +132,7 @@ OBJECTIVES: dict[str, Objective] = {
     ),
     "kto": Objective(
         "kto", kto_loss, KTOParams, needs_reference=True, shapes=("unpaired",), batch_level=True,
-        requires=("labels", "policy_kl_logps", "reference_kl_logps"),
+        requires=("labels",), uses=("policy_kl_logps", "reference_kl_logps"),
         paper="Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (Eq. 8)",
     ),
     "bco": Objective(

@@ -62,6 +62,19 @@ def test_kto_golden():
     assert out.metrics["kl"].item() == pytest.approx(0.3)
 
 
+def test_kto_on_a_batch_of_one_uses_the_last_reference_point():
+    """B = 1 (an epoch's remainder) has no mismatched row: ẑ0 is the last one estimated, 0.3 from the golden
+    batch above, carried as state; desirable r = 0.5 at β = 1: 1 - σ(0.5 - 0.3) = 1 - σ(0.2). With no estimate
+    yet, ẑ0 = 0 (its floor): 1 - σ(0.5)."""
+    first = preference_loss("kto", **tensors(KTO), beta=1.0)
+    assert first.state["kto/kl"].item() == pytest.approx(0.3)
+    one = {k: tensors(KTO)[k][:1] for k in ("policy_logps", "reference_logps", "tokens", "mask", "labels")}
+    out = preference_loss("kto", **one, beta=1.0, state=first.state)
+    assert_values(out.losses, [1 - sigmoid(0.2)])
+    assert out.state == {} and out.metrics["kl"].item() == pytest.approx(0.3)
+    assert_values(preference_loss("kto", **one, beta=1.0).losses, [1 - sigmoid(0.5)])
+
+
 def test_kto_reference_point_is_clamped_and_detached():
     """Mismatched log-ratios [-3 + 2, -3 + 2] = [-1, -1]: mean -1 < 0, so ẑ0 = 0 and the losses are
     1 - σ(β·0.5) and 1 - σ(β·1) at β = 1 = [0.377541, 0.268941]. No gradient reaches the KL rows; the desirable

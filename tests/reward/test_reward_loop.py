@@ -108,3 +108,37 @@ def test_a_nan_reward_loss_stops_before_the_update(raw, monkeypatch):
     monkeypatch.setattr(reward_train.RewardTask, "loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"step 3: the loss is nan.*step-00000002"):
         run(raw)
+
+
+def test_ctrl_c_stops_a_reward_run_with_a_checkpoint_and_the_rerun_finishes_it(raw, tmp_path):
+    """`preftune reward` under SIGINT: exit code 130 after a checkpoint (no traceback); the same command resumes
+    and the logged steps run on without a gap or a repeat."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    raw = copy.deepcopy(raw)
+    raw["training"].update(max_steps=400, logging_steps=1, save_steps=None, lr_scheduler="constant")
+    recipe = tmp_path / "reward.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "preftune", "reward", str(recipe)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").iterdir()
+    stopped = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    done = subprocess.run(cmd + [f"training.max_steps={stopped + 2}"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, stopped + 3))

@@ -249,3 +249,18 @@ def test_conversational_pairs_train_with_the_chat_template(base_config, tmp_path
     first = train_rows(result.history)[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["logps/chosen"] < 0 and first["logps/rejected"] < first["logps/chosen"] - 1.0  # longer rejected
+
+
+def test_kto_trains_through_a_remainder_micro_batch_of_one(base_config, tmp_path):
+    """9 unpaired rows, batch 4: the epoch's third micro-batch holds one example, which has no other completion
+    to estimate KTO's reference point from; it trains with the last estimate instead of failing."""
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "completion": f" answer {i}", "label": i % 2 == 0}) + "\n"
+                            for i in range(9)))
+    raw = copy.deepcopy(base_config)
+    raw["data"].update(train_file=str(data), eval_fraction=0.0)
+    raw["objective"] = {"name": "kto", "beta": 0.1}
+    raw["training"].update(max_steps=3, save_steps=None, learning_rate=1e-2)
+    rows = train_rows(run(raw).history)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[2]["kl"] == pytest.approx(rows[1]["kl"])  # step 3 (one example) reused step 2's estimate
