@@ -98,6 +98,9 @@ COMMANDS: dict[str, Command] = {
                        "preftune.evaluation.winrate:command", config_type="preftune.evaluation.winrate:WinrateConfig"),
     "frontier": Command("the DPO paper's controlled-sentiment experiment: reward vs KL of DPO, IPO, SimPO, ... plotted",
                         "preftune.experiments.frontier.run:command", config_type="preftune.experiments.frontier.config:FrontierConfig"),
+    "iterate": Command("rounds of on-policy preference optimization: sample from the policy, judge, train "
+                       "(iterative DPO, DNO, SPPO); resumable at every stage of every round",
+                       "preftune.onpolicy.rounds:command", config_type="preftune.onpolicy.rounds_config:IterateConfig"),
 }
 
 
