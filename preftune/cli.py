@@ -101,6 +101,10 @@ COMMANDS: dict[str, Command] = {
     "iterate": Command("rounds of on-policy preference optimization: sample from the policy, judge, train "
                        "(iterative DPO, DNO, SPPO); resumable at every stage of every round",
                        "preftune.onpolicy.rounds:command", config_type="preftune.onpolicy.rounds_config:IterateConfig"),
+    "onpolicy-sentiment": Command("on-policy rounds (iterative DPO, SPPO, ...) against one round of offline DPO on the "
+                                  "controlled-sentiment task: reward and KL per round, plotted",
+                                  "preftune.experiments.onpolicy_sentiment:command",
+                                  config_type="preftune.experiments.onpolicy_sentiment:OnPolicySentimentConfig"),
 }
 
 
