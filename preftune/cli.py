@@ -101,6 +101,9 @@ COMMANDS: dict[str, Command] = {
     "iterate": Command("rounds of on-policy preference optimization: sample from the policy, judge, train "
                        "(iterative DPO, DNO, SPPO); resumable at every stage of every round",
                        "preftune.onpolicy.rounds:command", config_type="preftune.onpolicy.rounds_config:IterateConfig"),
+    "online": Command("online preference optimization: each step samples from the policy itself, a judge picks, "
+                      "and the objective trains at once (online DPO/IPO/SLiC, SPO)",
+                      "preftune.onpolicy.online:command", config_type=None),
     "onpolicy-sentiment": Command("on-policy rounds (iterative DPO, SPPO, ...) against one round of offline DPO on the "
                                   "controlled-sentiment task: reward and KL per round, plotted",
                                   "preftune.experiments.onpolicy_sentiment:command",
