@@ -105,8 +105,10 @@ def run(config: OnPolicySentimentConfig, judge=None) -> dict:
     from ..feedback.judges import build_judge
 
     judge = judge or build_judge(judge_section)
-    reports = {m.name: run_rounds(method_config(config, i, out, judge_section), judge=judge)
-               for i, m in enumerate(config.methods)}
+    reports = {}
+    for i, method in enumerate(config.methods):
+        _share_start(out, config.methods[0].name, method.name)
+        reports[method.name] = run_rounds(method_config(config, i, out, judge_section), judge=judge)
     from .onpolicy_report import write_report
 
     report = {"policy": config.policy.name_or_path, "judge": judge_section, "prompts": asdict(config.prompts),
@@ -118,6 +120,14 @@ def run(config: OnPolicySentimentConfig, judge=None) -> dict:
         for name in ("report.json", "report.md", "report.png"):
             shutil.copyfile(out / name, Path(config.report_dir) / name)
     return report
+
+
+def _share_start(out: Path, first: str, name: str) -> None:
+    """Every method starts from the same policy, sampled and judged the same way: the first method's round-0
+    evaluation (its stage fingerprints hold) is copied instead of recomputed."""
+    source, target = out / "methods" / first / "round-0", out / "methods" / name / "round-0"
+    if name != first and (source / "evaluation" / "stage.json").is_file() and not target.exists():
+        shutil.copytree(source, target)
 
 
 def _frontier_view(config: OnPolicySentimentConfig):

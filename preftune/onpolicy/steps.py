@@ -50,7 +50,8 @@ def sample_stage(folder: Path, model: str, prompts_file: Path, sampling: OnPolic
                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                                 seed=sampling.seed if seed is None else seed),
         backend="auto", batch_size=sampling.batch_size, output_file=str(output), progress_bar=progress)
-    settings = {"generate": {k: v for k, v in dataclasses.asdict(config).items() if k != "progress_bar"},
+    # what is sampled, not where it is written: a finished folder copied elsewhere stays valid
+    settings = {"generate": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress_bar", "output_file")},
                 "prompts": file_digest(prompts_file)}
     run_stage(folder, settings, lambda: {"prompts": generate(config).prompts})
     return output
