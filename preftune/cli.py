@@ -101,6 +101,9 @@ COMMANDS: dict[str, Command] = {
     "iterate": Command("rounds of on-policy preference optimization: sample from the policy, judge, train "
                        "(iterative DPO, DNO, SPPO); resumable at every stage of every round",
                        "preftune.onpolicy.rounds:command", config_type="preftune.onpolicy.rounds_config:IterateConfig"),
+    "rso": Command("statistical rejection sampling optimization: reward model, N candidates from the SFT policy, "
+                   "samples of pi* by rejection, tournament pairs, hinge or DPO",
+                   "preftune.onpolicy.rso_run:command", config_type="preftune.onpolicy.rso_run:RSOConfig"),
     "online": Command("online preference optimization: each step samples from the policy itself, a judge picks, "
                       "and the objective trains at once (online DPO/IPO/SLiC, SPO)",
                       "preftune.onpolicy.online:command", config_type=None),
