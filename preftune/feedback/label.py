@@ -43,6 +43,9 @@ COUNTS = ("empty_completions", "duplicate_completions", "unscored_completions", 
 @dataclass
 class LabelConfig:
     input_file: str = ""  # the JSONL written by `preftune generate`
+    # or several, one per model (Zephyr): each prompt's completions are pooled and every row records which
+    # model wrote what (chosen_model / rejected_model, models, model)
+    input_files: list[str] = field(default_factory=list)
     output_file: str = "runs/labelled/pairs.jsonl"
     format: Literal["best_vs_worst", "best_vs_random", "all_pairs", "ranked", "unpaired"] = "best_vs_worst"
     threshold: float | None = None  # unpaired: label = score > threshold; null: above the prompt's median
@@ -59,11 +62,13 @@ class Generation:
     position: int  # 0-based row number in the file: seeds best_vs_random's draw for this prompt
     prompt: str | list[dict]
     completions: list[str]
+    models: list[str] | None = None  # pooled files: the model that wrote each completion
 
 
 def _check(config: LabelConfig) -> None:
-    if not config.input_file:
-        raise ConfigError("config key 'input_file': the generations file to label is not set")
+    if bool(config.input_file) == bool(config.input_files):
+        raise ConfigError("config keys 'input_file' / 'input_files': give the generations file to label, or a list "
+                          "of them (one per model), not both")
     if not config.judge:
         raise ConfigError("config section 'judge' is missing; it needs at least a 'type'")
     if config.min_margin < 0 or config.chunk_size <= 0:
@@ -73,6 +78,7 @@ def _check(config: LabelConfig) -> None:
 def load_label_config(path: str | Path, overrides: list[str] = ()) -> LabelConfig:
     config = load_section(LabelConfig, path, overrides, _check)
     config.input_file = beside(Path(path).parent, config.input_file)  # as the training recipes resolve data files
+    config.input_files = [beside(Path(path).parent, f) for f in config.input_files]
     return config
 
 
@@ -96,6 +102,42 @@ def read_generations(path: str | Path) -> list[Generation]:
     if problems:
         raise DataValidationError(format_problems(f"{len(problems)} problems in the generations file:", problems, 20))
     return rows
+
+
+def pool_generations(paths: list[str]) -> list[Generation]:
+    """Several generation files (one per model) pooled per prompt, in the first file's prompt order (prompts
+    only later files have follow); ``models`` names each completion's model (the file's ``model`` field, or
+    the file name when it has none)."""
+    pooled: dict[str, Generation] = {}
+    for path in paths:
+        names = [r.value.get("model") if isinstance(r.value, dict) else None for r in read_rows(path)]
+        for gen, name in zip(read_generations(path), names, strict=True):
+            model = name or Path(path).stem
+            key = json.dumps(gen.prompt, sort_keys=True, ensure_ascii=False)
+            if key not in pooled:
+                pooled[key] = Generation(gen.source, len(pooled), gen.prompt, [], [])
+            pooled[key].completions.extend(gen.completions)
+            pooled[key].models.extend([model] * len(gen.completions))
+    return list(pooled.values())
+
+
+def _with_models(row: dict, gen: Generation) -> dict:
+    """Which model wrote each completion of ``row`` (several names, joined by commas, when they wrote the same)."""
+    owners: dict[str, list[str]] = {}
+    for text, model in zip(gen.completions, gen.models or [], strict=False):
+        owners.setdefault(text, [])
+        if model not in owners[text]:
+            owners[text].append(model)
+
+    def who(completion) -> str:
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        return ",".join(owners.get(text, []))
+
+    if "chosen" in row:
+        return {**row, "chosen_model": who(row["chosen"]), "rejected_model": who(row["rejected"])}
+    if "completions" in row:
+        return {**row, "models": [who(c) for c in row["completions"]]}
+    return {**row, "model": who(row["completion"])}
 
 
 def candidates(gen: Generation, counts: Counter) -> list[str]:
@@ -198,7 +240,7 @@ def label(config: LabelConfig, judge: Judge | None = None) -> dict:
     """Label the generations file; returns the summary (also written to ``label_summary.json``)."""
     from tqdm.auto import tqdm
 
-    generations = read_generations(config.input_file)
+    generations = pool_generations(config.input_files) if config.input_files else read_generations(config.input_file)
     own_judge = judge is None
     judge = build_judge(config.judge) if own_judge else judge
     counts: Counter = Counter(dict.fromkeys(COUNTS, 0))
@@ -210,7 +252,8 @@ def label(config: LabelConfig, judge: Judge | None = None) -> dict:
             texts = [candidates(g, counts) for g in chunk]
             scores = score_chunk(judge, [g.prompt for g in chunk], texts)
             for gen, ts, ss in zip(chunk, texts, scores, strict=True):
-                rows += label_rows(config, gen, ts, ss, counts)
+                new = label_rows(config, gen, ts, ss, counts)
+                rows += [_with_models(r, gen) for r in new] if gen.models else new
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -218,7 +261,8 @@ def label(config: LabelConfig, judge: Judge | None = None) -> dict:
             judge.close()
     output = Path(config.output_file)
     write_jsonl(output, rows)
-    summary = {"input_file": str(config.input_file), "output_file": str(output), "format": config.format,
+    summary = {"input_file": str(config.input_file) if config.input_file else [str(f) for f in config.input_files],
+               "output_file": str(output), "format": config.format,
                "prompts": len(generations), "completions": sum(len(g.completions) for g in generations),
                "rows_written": len(rows), **dict(counts), "judge": judge.summary()}
     (output.parent / "label_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
