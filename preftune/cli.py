@@ -107,6 +107,9 @@ COMMANDS: dict[str, Command] = {
     "online": Command("online preference optimization: each step samples from the policy itself, a judge picks, "
                       "and the objective trains at once (online DPO/IPO/SLiC, SPO)",
                       "preftune.onpolicy.online:command", config_type=None),
+    "zephyr": Command("the Zephyr recipe: distilled SFT on a teacher's answers, a pool of models judged into "
+                      "best-vs-random pairs, then DPO", "preftune.experiments.zephyr:command",
+                      config_type="preftune.experiments.zephyr:ZephyrConfig"),
     "onpolicy-sentiment": Command("on-policy rounds (iterative DPO, SPPO, ...) against one round of offline DPO on the "
                                   "controlled-sentiment task: reward and KL per round, plotted",
                                   "preftune.experiments.onpolicy_sentiment:command",
