@@ -88,6 +88,9 @@ COMMANDS: dict[str, Command] = {
                         "preftune.feedback.generate:command", config_type="preftune.feedback.generate:GenerateConfig"),
     "label": Command("judge generations into preference pairs, ranked lists or unpaired labels (AI feedback)",
                      "preftune.feedback.label:command", config_type="preftune.feedback.label:LabelConfig"),
+    "revise": Command("Constitutional AI's critique -> revision: a chat model rewrites its answers against principles "
+                      "drawn from a constitution; the revisions are SFT data",
+                      "preftune.feedback.revise:command", config_type="preftune.feedback.revise:ReviseConfig"),
     "reward": Command("train a Bradley-Terry reward model (a scalar head on any backbone) from pairs or ranked lists",
                       "preftune.reward.train:command", config_type="preftune.reward.train:RewardConfig"),
     "sentiment-reward": Command("the frontier's sentiment reward model: pairs from the rated movie snippets, a "

@@ -262,11 +262,23 @@ def label(config: LabelConfig, judge: Judge | None = None) -> dict:
     output = Path(config.output_file)
     write_jsonl(output, rows)
     summary = {"input_file": str(config.input_file) if config.input_file else [str(f) for f in config.input_files],
+               **_flip_rate(rows, judge),
                "output_file": str(output), "format": config.format,
                "prompts": len(generations), "completions": sum(len(g.completions) for g in generations),
                "rows_written": len(rows), **dict(counts), "judge": judge.summary()}
     (output.parent / "label_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _flip_rate(rows: list[dict], judge: Judge) -> dict:
+    """With a probabilistic pairwise judge and two completions per prompt, a pair's score_rejected is the
+    judge's probability that the hard label is the wrong way round: its mean is the label-noise rate ε that
+    cDPO / robust DPO take as ``objective.label_smoothing`` (Mitchell 2023; Chowdhury et al. 2024)."""
+    scored = [r for r in rows if "score_rejected" in r]
+    if judge.pointwise or not scored:
+        return {}
+    return {"expected_flip_rate": statistics.fmean(r["score_rejected"] / (r["score_chosen"] + r["score_rejected"])
+                                                   for r in scored)}
 
 
 def format_summary(summary: dict) -> str:

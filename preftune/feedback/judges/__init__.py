@@ -36,6 +36,7 @@ JUDGES: dict[str, str] = {
     "reward_model": "preftune.feedback.judges.reward_model:RewardModelJudge",
     "chat_model": "preftune.feedback.judges.chat_model:ChatModelJudge",
     "http": "preftune.feedback.judges.http:HttpJudge",
+    "constitution": "preftune.feedback.judges.constitution:ConstitutionJudge",
 }
 
 
