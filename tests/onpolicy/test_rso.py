@@ -70,3 +70,24 @@ def test_config_errors_name_the_key(tmp_path, tiny_model_dir, change, message):
     path.write_text(yaml.safe_dump(values))
     with pytest.raises(ConfigError, match=message):
         load_rso_config(path)
+
+
+def test_rso_trains_its_reward_model_on_the_preference_data(tmp_path, tiny_model_dir):
+    """reward.recipe: a `preftune reward` run on pairs (2 steps on the tiny backbone) becomes the scorer of the
+    candidates; the rows' scores are that reward model's scores of the chosen and rejected completions."""
+    from preftune.feedback.judges import build_judge as judge_of
+
+    recipe = tmp_path / "reward.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model_dir), "max_length": 32},
+        "data": {"train_file": str(Path(__file__).resolve().parents[2] / "examples" / "pairs.jsonl")},
+        "training": {"max_steps": 2, "batch_size": 4, "progress_bar": False, "eval_before_training": False}}))
+    values = settings(tmp_path, tiny_model_dir)
+    values["reward"] = {"recipe": str(recipe)}
+    result = run_rso(build_section(RSOConfig, values))
+    assert result["reward_model"] == str(tmp_path / "out" / "reward" / "final")
+    scorer = judge_of({"type": "reward_model", "path": result["reward_model"]})
+    row = json.loads((tmp_path / "out" / "rows" / "rows.jsonl").read_text().splitlines()[0])
+    chosen, rejected = scorer.score([row["prompt"]] * 2, [row["chosen"], row["rejected"]])
+    assert (chosen, rejected) == pytest.approx((row["score_chosen"], row["score_rejected"]), abs=1e-5)
+    assert chosen > rejected
