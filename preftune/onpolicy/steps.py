@@ -50,9 +50,11 @@ def sample_stage(folder: Path, model: str, prompts_file: Path, sampling: OnPolic
                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                                 seed=sampling.seed if seed is None else seed),
         backend="auto", batch_size=sampling.batch_size, output_file=str(output), progress_bar=progress)
-    # what is sampled, not where it is written: a finished folder copied elsewhere stays valid
+    # what is sampled, not where files are: a finished folder copied elsewhere stays valid (the prompts' content
+    # is in the digest)
     settings = {"generate": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress_bar", "output_file")},
                 "prompts": file_digest(prompts_file)}
+    settings["generate"]["prompts"].pop("file")
     run_stage(folder, settings, lambda: {"prompts": generate(config).prompts})
     return output
 
