@@ -109,7 +109,7 @@ COMMANDS: dict[str, Command] = {
                    "preftune.onpolicy.rso_run:command", config_type="preftune.onpolicy.rso_run:RSOConfig"),
     "online": Command("online preference optimization: each step samples from the policy itself, a judge picks, "
                       "and the objective trains at once (online DPO/IPO/SLiC, SPO)",
-                      "preftune.onpolicy.online:command", config_type=None),
+                      "preftune.onpolicy.online:command", config_type="preftune.onpolicy.online_config:OnlineRecipe"),
     "zephyr": Command("the Zephyr recipe: distilled SFT on a teacher's answers, a pool of models judged into "
                       "best-vs-random pairs, then DPO", "preftune.experiments.zephyr:command",
                       config_type="preftune.experiments.zephyr:ZephyrConfig"),

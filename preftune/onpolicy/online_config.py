@@ -36,6 +36,13 @@ class OnlineConfig:
     online: OnlineSection
 
 
+@dataclass
+class OnlineRecipe(Config):
+    """Every key of a ``preftune online`` recipe, for ``--help``: a training recipe plus ``online``."""
+
+    online: OnlineSection = field(default_factory=OnlineSection)
+
+
 def check_online(config: Config, online: OnlineSection, raw: dict) -> None:
     if not online.prompts.file:
         raise ConfigError("config key 'online.prompts.file': no prompts to sample from")
