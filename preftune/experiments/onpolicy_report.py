@@ -1,5 +1,5 @@
 """The on-policy experiment's report: a table per method (reward and KL of every round) and a two-panel plot
-(mean reward against round, and against KL(π‖π_0), one line per method)."""
+(mean reward against optimizer updates so far, and against KL(π‖π_0); one line per method, a point per round)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ from ..atomic import write_text
 COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
-def _points(report: dict) -> list[tuple[int, dict]]:
-    return [(r["round"], r["evaluation"]) for r in report["rounds"] if r.get("evaluation")]
+def _points(report: dict) -> list[tuple[int, int, dict]]:
+    """(round, optimizer updates so far, evaluation) of every evaluated round."""
+    points, steps = [], 0
+    for r in report["rounds"]:
+        steps += r.get("train_steps", 0)
+        if r.get("evaluation"):
+            points.append((r["round"], steps, r["evaluation"]))
+    return points
 
 
 def format_markdown(report: dict) -> str:
@@ -38,17 +44,19 @@ def write_report(report: dict, out: Path) -> None:
     write_text(out / "report.md", format_markdown(report))
     fig, (by_round, by_kl) = plt.subplots(1, 2, figsize=(11, 4.2))
     for colour, (name, method) in zip(COLOURS * 3, report["methods"].items(), strict=False):
-        points = [(t, e) for t, e in _points(method) if "reward" in e]
+        points = [(t, n, e) for t, n, e in _points(method) if "reward" in e]
         if not points:
             continue
-        rounds, rewards = [t for t, _ in points], [e["reward"] for _, e in points]
-        errors = [e["reward_stderr"] for _, e in points]
-        kls, kl_errors = [e["kl"] for _, e in points], [e["kl_stderr"] for _, e in points]
-        by_round.errorbar(rounds, rewards, yerr=errors, color=colour, marker="o", capsize=3, label=name)
+        steps, rewards = [n for _, n, _ in points], [e["reward"] for _, _, e in points]
+        errors = [e["reward_stderr"] for _, _, e in points]
+        kls, kl_errors = [e["kl"] for _, _, e in points], [e["kl_stderr"] for _, _, e in points]
+        by_round.errorbar(steps, rewards, yerr=errors, color=colour, marker="o", capsize=3, label=name)
         by_kl.errorbar(kls, rewards, xerr=kl_errors, yerr=errors, color=colour, marker="o", capsize=3, label=name)
-        for (t, _), x, y in zip(points, kls, rewards, strict=True):
-            by_kl.annotate(str(t), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=colour)
-    by_round.set(xlabel="round (0 = starting policy)", ylabel="mean reward (held-out prompts)")
+        for (t, _, _), x, n, y in zip(points, kls, steps, rewards, strict=True):
+            by_kl.annotate(f"round {t}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=colour)
+            by_round.annotate(f"round {t}", (n, y), textcoords="offset points", xytext=(4, -10), fontsize=8, color=colour)
+    by_round.set(xlabel="optimizer updates so far (each point: the policy after a round)",
+                 ylabel="mean reward (held-out prompts)")
     by_kl.set(xlabel="KL(π‖π_0) (nats, from samples)", ylabel="mean reward (held-out prompts)")
     for ax in (by_round, by_kl):
         ax.grid(alpha=0.3)
