@@ -11,7 +11,7 @@ Round t (t = 1 .. ``rounds``) starts from π_{t-1} (π_0 = ``policy``) and runs 
      "Self-Rewarding Language Models", §2.3): best vs worst (or all pairs), any objective on pairs.
    - ``dno`` (Rosset et al. 2024, "Direct Nash Optimization", Algorithm 2, DNO-Prct): the samples plus an optional
      teacher completion; best vs worst by win rate, kept only above the win-rate margin ``labels.min_margin``;
-     DPO with π_{t-1} as the reference (the contrastive loss of Eq. 8 in its DPO form).
+     DPO with π_{t-1} as the reference (Algorithm 2's contrastive loss, in its DPO form).
    - ``sppo`` (Wu et al. 2024, Algorithm 1): scored rows (prompt, sample, P̂) for the objective ``sppo``
      (Eq. 4.7), reference π_{t-1}.
 3. ``train/`` — ``preftune train`` from π_{t-1} on the rows; its ``final/`` (merged, with LoRA) is π_t. The

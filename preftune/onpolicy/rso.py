@@ -1,6 +1,6 @@
 """RSO: Liu et al. 2024, "Statistical Rejection Sampling Improves Preference Optimization" (ICLR 2024).
 
-The optimal policy of the KL-regularised reward objective is π*(y|x) ∝ π_sft(y|x)·exp(r(x, y)/β) (Eq. 4).
+The optimal policy of the KL-regularised reward objective is π*(y|x) ∝ π_sft(y|x)·exp(r(x, y)/β) (§3).
 Rejection sampling with π_sft as the proposal draws from it: a candidate y ~ π_sft is accepted with
 probability π*(y)/(M·π_sft(y)) = exp((r(y) - r_max)/β), where r_max bounds the reward (§3.1). Algorithm 1 of
 the paper runs this on N candidates already sampled from π_sft, with r_max the largest reward among the

@@ -8,11 +8,11 @@ Stages (each in its own folder under ``output_dir``, resumable and fingerprinted
    directly (our choice).
 2. ``candidates/`` — N samples per prompt from the SFT policy π_sft (``sampling.num_samples``).
 3. ``rows/`` — the reward model scores every candidate; Algorithm 1 (``rso.rejection_sample``) keeps M of them
-   (``rejection.num_samples``), approximately distributed as π* ∝ π_sft·exp(r/β) (β = ``rejection.beta``, Eq. 4);
+   (``rejection.num_samples``), approximately distributed as π* ∝ π_sft·exp(r/β) (β = ``rejection.beta``);
    a single-elimination tournament among the M (``rso.tournament_pairs``, "tournament-rank") labels M - 1 pairs
    by the reward model.
 4. ``train/`` — the recipe's objective on those pairs from π_sft with π_sft as the reference: ``hinge`` (RSO's
-   hinge-norm, Eq. 7) or ``dpo`` (sigmoid-norm, Eq. 6).
+   hinge-norm) or ``dpo`` (sigmoid-norm).
 """
 
 from __future__ import annotations
