@@ -102,6 +102,10 @@ COMMANDS: dict[str, Command] = {
     "label": Command("judge generations into preference pairs, ranked lists or unpaired labels (AI feedback)",
                      "preftune.feedback.label:command", "format=all_pairs judge.batch_size=8",
                      config_type="preftune.feedback.label:LabelConfig"),
+    "revise": Command("Constitutional AI's critique -> revision: a chat model rewrites its answers against principles "
+                      "drawn from a constitution; the revisions are SFT data",
+                      "preftune.feedback.revise:command", "revisions=2",
+                      config_type="preftune.feedback.revise:ReviseConfig"),
     "reward": Command("train a Bradley-Terry reward model (a scalar head on any backbone) from pairs or ranked lists",
                       "preftune.reward.train:command", "training.epochs=2 model.freeze_backbone=true",
                       config_type="preftune.reward.train:RewardConfig"),
@@ -115,6 +119,25 @@ COMMANDS: dict[str, Command] = {
     "frontier": Command("the DPO paper's controlled-sentiment experiment: reward vs KL of DPO, IPO, SimPO, ... plotted",
                         "preftune.experiments.frontier.run:command", "prompts.train=64 evaluation.num_samples=2",
                         config_type="preftune.experiments.frontier.config:FrontierConfig"),
+    "iterate": Command("rounds of on-policy preference optimization: sample from the policy, judge, train "
+                       "(iterative DPO, DNO, SPPO); resumable at every stage of every round",
+                       "preftune.onpolicy.rounds:command", "rounds=3 sampling.num_samples=8",
+                       config_type="preftune.onpolicy.rounds_config:IterateConfig"),
+    "rso": Command("statistical rejection sampling optimization: reward model, N candidates from the SFT policy, "
+                   "samples of pi* by rejection, tournament pairs, hinge or DPO",
+                   "preftune.onpolicy.rso_run:command", "rso.beta=0.5",
+                   config_type="preftune.onpolicy.rso_run:RSOConfig"),
+    "online": Command("online preference optimization: each step samples from the policy itself, a judge picks, "
+                      "and the objective trains at once (online DPO/IPO/SLiC, SPO)",
+                      "preftune.onpolicy.online:command", "training.max_steps=100",
+                      config_type="preftune.onpolicy.online_config:OnlineRecipe"),
+    "zephyr": Command("the Zephyr recipe: distilled SFT on a teacher's answers, a pool of models judged into "
+                      "best-vs-random pairs, then DPO", "preftune.experiments.zephyr:command", "dpo.beta=0.1",
+                      config_type="preftune.experiments.zephyr:ZephyrConfig"),
+    "onpolicy-sentiment": Command("on-policy rounds (iterative DPO, SPPO, ...) against one round of offline DPO on the "
+                                  "controlled-sentiment task: reward and KL per round, plotted",
+                                  "preftune.experiments.onpolicy_sentiment:command", "rounds=2",
+                                  config_type="preftune.experiments.onpolicy_sentiment:OnPolicySentimentConfig"),
 }
 
 

@@ -9,7 +9,10 @@ import pytest
 
 from preftune.config import ConfigError, config_from_dict, load_config, save_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+# every recipe, those in sub-folders too (configs/zephyr/ is one recipe's chain and its GPU preset)
+# every preftune recipe, in sub-folders too; configs/accelerate/ holds accelerate's own launch configs
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if "accelerate" not in p.relative_to(ROOT).parts)
 
 
 def test_there_is_a_recipe_for_every_objective_and_modifier():
@@ -27,7 +30,7 @@ def recipe_command(path: Path) -> str:
     return run_line.split()[3]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT).with_suffix("")) for p in CONFIGS])
 def test_every_recipe_loads_with_its_command(path):
     command = recipe_command(path)
     if command in ("train", "sft", "eval"):

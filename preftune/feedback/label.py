@@ -27,6 +27,7 @@ job is cheap through the judges' reply cache (SQLite, shared safely by the proce
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 from collections import Counter
@@ -50,6 +51,9 @@ COUNTS = ("empty_completions", "duplicate_completions", "unscored_completions", 
 @dataclass
 class LabelConfig:
     input_file: str = ""  # the JSONL written by `preftune generate`
+    # or several, one per model (Zephyr): each prompt's completions are pooled and every row records which
+    # model wrote what (chosen_model / rejected_model, models, model)
+    input_files: list[str] = field(default_factory=list)
     output_file: str = "runs/labelled/pairs.jsonl"
     format: Literal["best_vs_worst", "best_vs_random", "all_pairs", "ranked", "unpaired"] = "best_vs_worst"
     threshold: float | None = None  # unpaired: label = score > threshold; null: above the prompt's median
@@ -67,6 +71,7 @@ class Generation:
     prompt: str | list[dict]
     completions: list[str]
     templated: bool = False  # sampled with the chat template (`generation.chat_template` of the row)
+    models: list[str] | None = None  # pooled files: the model that wrote each completion
 
     @property
     def row_prompt(self) -> str | list[dict]:
@@ -78,8 +83,9 @@ class Generation:
 
 
 def _check(config: LabelConfig) -> None:
-    if not config.input_file:
-        raise ConfigError("config key 'input_file': the generations file to label is not set")
+    if bool(config.input_file) == bool(config.input_files):
+        raise ConfigError("config keys 'input_file' / 'input_files': give the generations file to label, or a list "
+                          "of them (one per model), not both")
     if not config.judge:
         raise ConfigError("config section 'judge' is missing; it needs at least a 'type'")
     if config.min_margin < 0 or config.chunk_size <= 0:
@@ -89,6 +95,7 @@ def _check(config: LabelConfig) -> None:
 def load_label_config(path: str | Path, overrides: list[str] = ()) -> LabelConfig:
     config = load_section(LabelConfig, path, overrides, _check)
     config.input_file = beside(Path(path).parent, config.input_file)  # as the training recipes resolve data files
+    config.input_files = [beside(Path(path).parent, f) for f in config.input_files]
     return config
 
 
@@ -113,6 +120,42 @@ def read_generations(path: str | Path) -> list[Generation]:
     if problems:
         raise DataValidationError(format_problems(f"{len(problems)} problems in the generations file:", problems, 20))
     return rows
+
+
+def pool_generations(paths: list[str]) -> list[Generation]:
+    """Several generation files (one per model) pooled per prompt, in the first file's prompt order (prompts
+    only later files have follow); ``models`` names each completion's model (the file's ``model`` field, or
+    the file name when it has none)."""
+    pooled: dict[str, Generation] = {}
+    for path in paths:
+        names = [r.value.get("model") if isinstance(r.value, dict) else None for r in read_rows(path)]
+        for gen, name in zip(read_generations(path), names, strict=True):
+            model = name or Path(path).stem
+            key = json.dumps(gen.prompt, sort_keys=True, ensure_ascii=False)
+            if key not in pooled:
+                pooled[key] = Generation(gen.source, len(pooled), gen.prompt, [], gen.templated, models=[])
+            pooled[key].completions.extend(gen.completions)
+            pooled[key].models.extend([model] * len(gen.completions))
+    return list(pooled.values())
+
+
+def _with_models(row: dict, gen: Generation) -> dict:
+    """Which model wrote each completion of ``row`` (several names, joined by commas, when they wrote the same)."""
+    owners: dict[str, list[str]] = {}
+    for text, model in zip(gen.completions, gen.models or [], strict=False):
+        owners.setdefault(text, [])
+        if model not in owners[text]:
+            owners[text].append(model)
+
+    def who(completion) -> str:
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        return ",".join(owners.get(text, []))
+
+    if "chosen" in row:
+        return {**row, "chosen_model": who(row["chosen"]), "rejected_model": who(row["rejected"])}
+    if "completions" in row:
+        return {**row, "models": [who(c) for c in row["completions"]]}
+    return {**row, "model": who(row["completion"])}
 
 
 def candidates(gen: Generation, counts: Counter) -> list[str]:
@@ -221,7 +264,7 @@ def label(config: LabelConfig, judge: Judge | None = None) -> dict:
     """Label the generations file; returns the summary (also written beside the output, see ``summary_path``)."""
     from tqdm.auto import tqdm
 
-    generations = read_generations(config.input_file)
+    generations = pool_generations(config.input_files) if config.input_files else read_generations(config.input_file)
     processes = Processes()
     own_judge = judge is None
     judge = build_judge(config.judge) if own_judge else judge
@@ -245,14 +288,17 @@ def label(config: LabelConfig, judge: Judge | None = None) -> dict:
     rows: list[dict] = []
     for chunk, chunk_scores in zip(chunks, scores, strict=True):
         for gen, ss in zip(chunk, chunk_scores, strict=True):
-            rows += label_rows(config, gen, candidates(gen, counts), ss, counts)
+            new = label_rows(config, gen, candidates(gen, counts), ss, counts)
+            rows += [_with_models(r, gen) for r in new] if gen.models else new
     if not rows:
         judge.check_usable(f"no rows were written to {config.output_file}", judge_summary)
         counted = ", ".join(f"{k}: {v}" for k, v in counts.items() if v) or "nothing scored"
-        raise ValueError(f"{config.input_file}: labelling gave no {config.format} rows to write ({counted}); "
+        raise ValueError(f"{config.input_file or ', '.join(config.input_files)}: labelling gave no {config.format} rows to write ({counted}); "
                          f"nothing was written to {config.output_file}")
     output = Path(config.output_file)
-    summary = {"input_file": str(config.input_file), "output_file": str(output), "format": config.format,
+    summary = {"input_file": str(config.input_file) if config.input_file else [str(f) for f in config.input_files],
+               **_flip_rate(rows, judge),
+               "output_file": str(output), "format": config.format,
                "prompts": len(generations), "completions": sum(len(g.completions) for g in generations),
                "rows_written": len(rows), **dict(counts), "judge": judge_summary}
     if processes.is_main:
@@ -260,6 +306,17 @@ def label(config: LabelConfig, judge: Judge | None = None) -> dict:
         write_json(summary_path(output), summary)
     processes.barrier()  # the files exist for every process once label() returns
     return summary
+
+
+def _flip_rate(rows: list[dict], judge: Judge) -> dict:
+    """With a probabilistic pairwise judge and two completions per prompt, a pair's score_rejected is the
+    judge's probability that the hard label is the wrong way round: its mean is the label-noise rate ε that
+    cDPO / robust DPO take as ``objective.label_smoothing`` (Mitchell 2023; Chowdhury et al. 2024)."""
+    scored = [r for r in rows if "score_rejected" in r]
+    if judge.pointwise or not scored:
+        return {}
+    return {"expected_flip_rate": statistics.fmean(r["score_rejected"] / (r["score_chosen"] + r["score_rejected"])
+                                                   for r in scored)}
 
 
 def format_summary(summary: dict) -> str:

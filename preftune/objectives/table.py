@@ -31,6 +31,7 @@ from .robust import RobustParams, robust_loss
 from .sft import SFTParams, sft_loss
 from .simpo import SimPOParams, simpo_loss
 from .slic import SLiCParams, slic_loss
+from .sppo import SPPOParams, sppo_loss
 from .sppo_hard import SPPOHardParams, sppo_hard_loss
 from .tdpo import TDPOParams, tdpo_loss
 from .unlikelihood import UnlikelihoodParams, unlikelihood_loss
@@ -120,6 +121,11 @@ OBJECTIVES: dict[str, Objective] = {
         "sppo_hard", sppo_hard_loss, SPPOHardParams, needs_reference=True,
         paper="Wu et al. 2024, Self-Play Preference Optimization for Language Model Alignment "
         "(Eq. 4.7, hard win probabilities)",
+    ),
+    "sppo": Objective(
+        "sppo", sppo_loss, SPPOParams, needs_reference=True, shapes=("scored",), requires=("scores",),
+        paper="Wu et al. 2024, Self-Play Preference Optimization for Language Model Alignment "
+        "(Algorithm 1, Eq. 4.7, soft win probabilities P̂ of scored samples)",
     ),
     "dpo_norm": Objective(
         "dpo_norm", dpo_norm_loss, DPONormParams, needs_reference=True,

@@ -68,7 +68,7 @@ def test_function_judge_from_a_file_path(tmp_path):
         ({"type": "function", "function": f"{__name__}:nothing_here"}, r"has no function 'nothing_here'"),
         ({"type": "function", "funtion": "x:y"}, r"unknown config key 'judge.funtion' \(did you mean 'judge.function'\?\)"),
         ({"type": "functon"}, r"'judge.type': expected one of .* \(did you mean 'function'\?\)"),
-        ({"function": "x:y"}, r"'judge.type': expected one of function, reward_model, sequence_classifier, chat_model, http, got None"),
+        ({"function": "x:y"}, r"'judge.type': expected one of function, reward_model, sequence_classifier, chat_model, http, constitution, got None"),
         ({"type": "chat_model", "batch_size": "big"}, r"'judge.batch_size': expected an integer"),
         ({"type": "http", "model": "m", "api_key": "sk-123"}, r"do not put API keys in config files"),
     ],

@@ -182,7 +182,7 @@ def group_inputs(name: str, seed: int = 0, reference: bool = True, dtype: torch.
 
     Lists longer than one completion get a ragged last example (its last slot absent: log-prob 0, token count 1,
     as the collator pads), so every objective on lists is checked with a mask. ``requires`` fields are added:
-    labels alternate True/False, scores U(-1, 1), values N(0, 1), the mismatched-pair log-probs like the others.
+    labels alternate True/False, scores U(0, 1) (win probabilities for SPPO, any score for DRO), values N(0, 1), the mismatched-pair log-probs like the others.
     """
     objective = get_objective(name)
     slots = GROUP_SLOTS[objective.shapes[0]]
@@ -205,7 +205,7 @@ def group_inputs(name: str, seed: int = 0, reference: bool = True, dtype: torch.
         if key == "labels":
             inputs[key] = torch.arange(BATCH) % 2 == 0
         elif key == "scores":
-            inputs[key] = (2 * torch.rand(BATCH, slots, generator=gen, dtype=torch.float64) - 1).to(dtype)
+            inputs[key] = torch.rand(BATCH, slots, generator=gen, dtype=torch.float64).to(dtype)
         elif key == "values":
             inputs[key] = torch.randn(BATCH, generator=gen, dtype=torch.float64).to(dtype)
         else:  # policy_kl_logps, reference_kl_logps

@@ -37,6 +37,7 @@ JUDGES: dict[str, str] = {
     "sequence_classifier": "preftune.feedback.judges.sequence_classifier:SequenceClassifierJudge",
     "chat_model": "preftune.feedback.judges.chat_model:ChatModelJudge",
     "http": "preftune.feedback.judges.http:HttpJudge",
+    "constitution": "preftune.feedback.judges.constitution:ConstitutionJudge",
 }
 
 
