@@ -29,7 +29,8 @@ from preftune.feedback.judges.http_client import RetryPolicy, parse_retry_after
 # how the server behaves, so concurrent requests of different scenarios do not disturb each other
 PAIRWISE = "{prompt}|{first}|{second}"
 POINTWISE = "{prompt}|{completion}"
-STALL_S, TIMEOUT_S = 0.6, 0.2
+# generous against a loaded machine: an "ok" answer must never look like a stall
+STALL_S, TIMEOUT_S = 2.5, 1.0
 HUGE_BYTES = 64 << 20  # what the "huge" scenario sends if the client keeps reading
 
 
