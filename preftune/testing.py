@@ -105,3 +105,20 @@ def cache_hub_dataset(name: str, splits: dict[str, list[dict]], cache_dir: Path,
                    data_files=files)
     builder.download_and_prepare(output_dir=str(folder))
     return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m preftune.testing FOLDER``: write the tiny model there, to try any command in seconds."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m preftune.testing",
+                                     description="Write a tiny random Llama (2 layers, hidden 64) and its tokenizer "
+                                                 "to FOLDER, to try every command in seconds (it learns nothing).")
+    parser.add_argument("folder", type=Path)
+    folder = save_tiny_model(parser.parse_args(argv).folder)
+    print(f"tiny model written to {folder}; use it with model.name_or_path={folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
