@@ -40,7 +40,7 @@ from ..config import ConfigError, beside, load_section
 from ..data import DataValidationError, read_rows
 from ..data.fields import Fields, read_content
 from ..data.report import format_problems
-from .judges import Judge, build_judge
+from .judges import Judge, build_judge, compare_within_groups, score_groups
 from .shards import Processes
 
 # always in the summary, zeros included, so that "no ties" is visibly a count of 0
@@ -174,15 +174,9 @@ def candidates(gen: Generation, counts: Counter) -> list[str]:
 def score_chunk(judge: Judge, prompts: list, texts: list[list[str]]) -> list[list[float | None]]:
     """Scores for every prompt's candidate texts (see the module docstring for pairwise judges)."""
     if judge.pointwise:
-        flat = judge.score([p for p, ts in zip(prompts, texts, strict=True) for _ in ts], [t for ts in texts for t in ts])
-        out, start = [], 0
-        for ts in texts:
-            out.append(flat[start : start + len(ts)])
-            start += len(ts)
-        return out
+        return score_groups(judge, prompts, texts)
     pairs = [(k, i, j) for k, ts in enumerate(texts) for i in range(len(ts)) for j in range(i + 1, len(ts))]
-    probs = judge.compare([prompts[k] for k, _, _ in pairs], [texts[k][i] for k, i, _ in pairs],
-                          [texts[k][j] for k, _, j in pairs])
+    probs = compare_within_groups(judge, prompts, pairs, texts)
     wins: list[list[list[float]]] = [[[] for _ in ts] for ts in texts]
     for (k, i, j), p in zip(pairs, probs, strict=True):
         if p is not None:

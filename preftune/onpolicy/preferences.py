@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
-from ..feedback.judges import Judge, Prompt, preference_from_scores
+from ..feedback.judges import Judge, Prompt, compare_within_groups, preference_from_scores, score_groups
 
 PointwiseAs = Literal["hard", "bradley_terry"]
 Matrix = list[list[float | None]]
@@ -36,11 +36,7 @@ def win_matrices(judge: Judge, prompts: Sequence[Prompt], groups: Sequence[Seque
     matrices: list[Matrix] = [[[0.5 if i == j else None for j in range(len(g))] for i in range(len(g))] for g in groups]
     scores = None
     if judge.pointwise:
-        flat = judge.score([p for p, g in zip(prompts, groups, strict=True) for _ in g], [t for g in groups for t in g])
-        scores, start = [], 0
-        for g in groups:
-            scores.append(flat[start : start + len(g)])
-            start += len(g)
+        scores = score_groups(judge, prompts, groups)
         for m, s in zip(matrices, scores, strict=True):
             for i in range(len(s)):
                 for j in range(len(s)):
@@ -49,8 +45,7 @@ def win_matrices(judge: Judge, prompts: Sequence[Prompt], groups: Sequence[Seque
     else:
         asks = [(k, i, j) for k, g in enumerate(groups) for i in range(len(g)) for j in range(i + 1, len(g))
                 if g[i] != g[j]]
-        verdicts = judge.compare([prompts[k] for k, _, _ in asks], [groups[k][i] for k, i, _ in asks],
-                                 [groups[k][j] for k, _, j in asks]) if asks else []
+        verdicts = compare_within_groups(judge, prompts, asks, groups)
         for k, g in enumerate(groups):  # identical texts: a tie, without asking
             for i in range(len(g)):
                 for j in range(len(g)):

@@ -124,6 +124,27 @@ class PointwiseJudge(Judge):
         return [preference_from_scores(a, b) for a, b in zip(scores[:n], scores[n:], strict=True)]
 
 
+def score_groups(judge: PointwiseJudge, prompts: Sequence[Prompt], groups: Sequence[Sequence[str]]
+                 ) -> list[list[float | None]]:
+    """A pointwise judge's score of every text of every group (one group of completions per prompt), in one
+    call, given back per group."""
+    flat = judge.score([p for p, g in zip(prompts, groups, strict=True) for _ in g], [t for g in groups for t in g])
+    out, start = [], 0
+    for group in groups:
+        out.append(flat[start : start + len(group)])
+        start += len(group)
+    return out
+
+
+def compare_within_groups(judge: Judge, prompts: Sequence[Prompt], asks: list[tuple[int, int, int]],
+                          groups: Sequence[Sequence[str]]) -> list[float | None]:
+    """P(text i beats text j) for each ``(k, i, j)`` of ``asks`` (texts i and j of group k), in one call."""
+    if not asks:
+        return []
+    return judge.compare([prompts[k] for k, _, _ in asks], [groups[k][i] for k, i, _ in asks],
+                         [groups[k][j] for k, _, j in asks])
+
+
 def preference_from_scores(first: float | None, second: float | None) -> float | None:
     """1.0 / 0.5 / 0.0 as the first score is above / equal to / below the second; None if either is."""
     if first is None or second is None:
@@ -193,6 +214,8 @@ __all__ = [
     "Prompt",
     "build_judge",
     "check_lengths",
+    "compare_within_groups",
+    "score_groups",
     "judge_class",
     "judge_config",
     "preference_from_scores",
