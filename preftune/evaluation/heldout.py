@@ -51,11 +51,11 @@ def evaluate_model(config: Config) -> dict[str, float]:
     policy = policy.to(accelerator.device).eval()
     chunk = config.training.logps_chunk_size
     if objective.needs_reference and is_adapter and not config.reference.name_or_path:
-        reference = AdapterOffReference(policy, chunk, accelerator.autocast)
+        reference = AdapterOffReference(policy, chunk, accelerator.autocast, config.training.packing)
     else:
         config.lora.enabled = False
         reference = build_reference(config, objective, policy, accelerator.autocast)
-    wrapped = CompletionLogps(policy, chunk)
+    wrapped = CompletionLogps(policy, chunk, packing=config.training.packing)
     recorder = LikelihoodRecorder(lambda *a, **kw: _autocast_call(accelerator, wrapped, *a, **kw))
     scorer = Scorer(recorder, reference, objective)
     if objective.needs_live_reference and reference is not None:

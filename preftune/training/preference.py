@@ -54,7 +54,7 @@ class PreferenceTask:
                         "loss is that of %d batches of %d, not of one batch of %d", objective.name,
                         t.gradient_accumulation_steps, t.batch_size, t.batch_size * t.gradient_accumulation_steps)
         value_head = _value_head(policy) if objective.needs_value else None
-        self.module = CompletionLogps(policy, t.logps_chunk_size, value_head)
+        self.module = CompletionLogps(policy, t.logps_chunk_size, value_head, t.packing)
         self.state: dict[str, torch.Tensor] = {}  # the objective's running statistics (β-DPO, BCO)
         self.syncs = 0
         self.retain = None

@@ -30,15 +30,15 @@ Batch = dict[str, Tensor]
 class ModelReference:
     """A separate frozen model (a copy of the starting policy, or another model given by path)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int, autocast: Callable[[], contextlib.AbstractContextManager]):
-        self.model, self.chunk_size, self.autocast = model, chunk_size, autocast
+    def __init__(self, model: nn.Module, chunk_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
+                 packing: str = "prefix_shared"):
+        self.model, self.chunk_size, self.autocast, self.packing = model, chunk_size, autocast, packing
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Tensor:
         with self.autocast():
-            out = completion_logps(
-                self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], self.chunk_size
-            )
+            out = completion_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                   self.chunk_size, packing=self.packing)
         return out.sums
 
     def release(self) -> None:
@@ -46,7 +46,7 @@ class ModelReference:
 
     def token_level(self) -> TokenReference:
         """This reference seen position by position (token-level objectives)."""
-        return TokenReference(self.model)
+        return TokenReference(self.model, packing=self.packing)
 
 
 class AdapterOffReference(ModelReference):
@@ -66,7 +66,7 @@ class AdapterOffReference(ModelReference):
         self.model = None  # the policy lives on; only this handle goes
 
     def token_level(self) -> TokenReference:
-        return TokenReference(self.model, disable=self.model.disable_adapter)
+        return TokenReference(self.model, disable=self.model.disable_adapter, packing=self.packing)
 
 
 class CachedReference:
@@ -134,13 +134,13 @@ def build_reference(config: Config, objective, policy: nn.Module, autocast) -> M
     """The live reference ``objective`` (a plan) needs: adapters off (LoRA), another model, or a frozen copy."""
     if not objective.needs_reference:
         return None
-    chunk = config.training.logps_chunk_size
+    chunk, packing = config.training.logps_chunk_size, config.training.packing
     if config.reference.name_or_path:
         model = modeling.load_frozen(config.reference.name_or_path, config.model)
-        return ModelReference(model.to(next(policy.parameters()).device), chunk, autocast)
+        return ModelReference(model.to(next(policy.parameters()).device), chunk, autocast, packing)
     if config.lora.enabled:
-        return AdapterOffReference(policy, chunk, autocast)
-    return ModelReference(modeling.frozen_copy(policy), chunk, autocast)
+        return AdapterOffReference(policy, chunk, autocast, packing)
+    return ModelReference(modeling.frozen_copy(policy), chunk, autocast, packing)
 
 
 def precompute_reference(
