@@ -14,6 +14,7 @@ from .. import modeling
 from ..config import Config
 from ..data import Collator, batches, read_splits, tokenize_splits
 from ..training.logps import CompletionLogps
+from ..training.precision import bf16_compute
 from ..training.reference import AdapterOffReference, build_reference
 from ..training.schedule import sequential_batches
 from ..training.step import Scorer, evaluate
@@ -62,7 +63,8 @@ def evaluate_model(config: Config) -> dict[str, float]:
         scorer.token_reference = reference.token_level()
     order = sequential_batches(len(tokenized), config.training.eval_batch_size)
     loader = batches(tokenized, order, Collator(tokenizer.pad_token_id, splits.shape), accelerator.device)
-    metrics = evaluate(scorer, tqdm(loader, total=len(order), desc="evaluating"), policy)
+    with bf16_compute(config.training.precision, accelerator.device):
+        metrics = evaluate(scorer, tqdm(loader, total=len(order), desc="evaluating"), policy)
     metrics["eval/examples"] = float(len(tokenized))
     metrics.update(likelihood_length_analysis(recorder, splits.shape))
     out = Path(config.training.output_dir)

@@ -20,6 +20,7 @@ from .export import export_final
 from .logps import CompletionLogps
 from .loop import Loop, TrainResult, run_log
 from .metrics import MeanAccumulator, add_batch_statistics
+from .precision import bf16_compute, restore_frozen_linears, store_frozen_linears_in_bf16
 from .reference import build_reference, precompute_reference
 from .schedule import sequential_batches
 from .step import Scorer, evaluate
@@ -67,6 +68,8 @@ class PreferenceTask:
         config, objective = self.config, self.objective
         self.accelerator, self.progress = accelerator, progress
         reference = build_reference(config, objective, self.policy, accelerator.autocast)
+        if config.training.precision == "bf16" and getattr(reference, "model", None) is not None:
+            store_frozen_linears_in_bf16(reference.model)  # a frozen copy: autocast would round it at every use
         if config.reference.sync_steps:
             if reference is None:
                 raise ValueError(f"reference.sync_steps (TR-DPO) needs an objective with a reference; "
@@ -140,6 +143,7 @@ class PreferenceTask:
             self.syncs = state.get("reference_syncs", 0)
 
     def export(self, module, history: list[dict]) -> Path:
+        restore_frozen_linears(module.model, modeling.DTYPES[self.config.model.dtype])  # merging must not round
         return export_final(self.config, module.model, self.tokenizer, Path(self.config.training.output_dir),
                             history, self.data, self.objective.primary.objective, value_head=module.value_head)
 
@@ -156,7 +160,10 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
         tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         data = tokenize_splits(config, splits, tokenizer)
         policy = modeling.load_policy(config).to(accelerator.device)
+        if config.training.precision == "bf16":  # LoRA's frozen base: stored as autocast would use it
+            store_frozen_linears_in_bf16(policy)
         trainable, total = modeling.count_parameters(policy)
         log.info("policy: %s, %d of %d parameters trainable", config.model.name_or_path, trainable, total)
         task = PreferenceTask(config, objective, tokenizer, policy, data, splits.shape)
-        return Loop(config.training, task, accelerator, run_dir).fit()
+        with bf16_compute(config.training.precision, accelerator.device):
+            return Loop(config.training, task, accelerator, run_dir).fit()
