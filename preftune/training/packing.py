@@ -14,9 +14,10 @@ autograd, with gradient checkpointing and LoRA unchanged; and one forward covers
 prompt (pairs, KTO's mismatched rows, ranked lists). A KV cache would need a second forward per batch,
 expanded cache copies per completion, and padding inside each of the two passes. Attention is the only
 layer that must know the groups: transformers' attention interface (``_supports_attention_backend``) lets
-a registered function replace it, which runs ``scaled_dot_product_attention`` group by group on slices of
-the packed sequence: plain causal for a group of one row, with a tree mask (causal, and a row's rest sees
-the prefix and itself but not its siblings) when rows share a prefix.
+a registered function replace it, which runs ``scaled_dot_product_attention`` block by block on slices of
+the packed sequence: a group's prefix with its first row is one causal sequence (sdpa's causal kernel), and
+each further row's queries attend to the prefix's keys and, causally, to their own (a small mask); no
+attention is ever computed between sibling rows or across groups.
 
 Models whose attention is not ``sdpa`` through that interface (eager attention with soft-capping or sinks,
 flash-attention, older architectures) keep the padded forward; so does a batch that is not right-padded.
@@ -36,25 +37,29 @@ MODES = ("prefix_shared", "padding_free", "padded")
 
 
 @dataclass
-class Group:
-    """A span ``[start, end)`` of the packed sequence and the attention inside it."""
+class Block:
+    """One ``scaled_dot_product_attention`` call: the queries of ``query`` attend to the keys of ``keys``
+    (spans of the packed sequence, concatenated). A group's first row and the shared prefix form one causal
+    block; each later row of the group is a block whose queries see the prefix and, causally, themselves."""
 
-    start: int
-    end: int
-    positions: Tensor  # (Lg,) position ids
-    segments: Tensor | None  # (Lg,) 0 for the shared prefix, i for the rest of the group's i-th row; None: one row
+    query: tuple[int, int]
+    keys: list[tuple[int, int]]
+    query_positions: Tensor  # (Q,) position ids of the queries
+    key_positions: Tensor  # (K,) position ids of the keys
+
+    @property
+    def causal(self) -> bool:
+        """Queries and keys are the same span: plain causal attention (sdpa's own causal kernel)."""
+        return self.keys == [self.query]
 
     def mask(self, sliding_window: int | None) -> Tensor | None:
-        """(1, 1, Lg, Lg) bool, True where query i may attend to key j; None for plain causal attention."""
-        if self.segments is None and sliding_window is None:
+        """(1, 1, Q, K) bool, True where a query may attend to a key; None for plain causal attention."""
+        if self.causal and sliding_window is None:
             return None
-        pos = self.positions
-        allowed = pos[None, :] <= pos[:, None]
-        if self.segments is not None:
-            seg = self.segments
-            allowed &= (seg[None, :] == 0) | (seg[None, :] == seg[:, None])
+        q, k = self.query_positions[:, None], self.key_positions[None, :]
+        allowed = k <= q
         if sliding_window is not None:  # as transformers' sliding_window_overlay: q - kv < window
-            allowed &= (pos[:, None] - pos[None, :]) < sliding_window
+            allowed &= (q - k) < sliding_window
         return allowed[None, None]
 
 
@@ -62,7 +67,7 @@ class Group:
 class PackedBatch:
     input_ids: Tensor  # (1, L)
     position_ids: Tensor  # (1, L)
-    groups: list[Group]
+    blocks: list[Block]  # in packed order of their queries: every token is the query of exactly one block
     where: Tensor  # (N, T) long: index in the packed sequence of each row's token; -1 at padding
     shared_rows: int  # rows whose prefix another row computes
 
@@ -96,28 +101,29 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, shared_prefix: Tensor |
             groups_of[key] = []
             order.append(key)
         groups_of[key].append(row)
-    pieces, positions, groups, shared, cursor = [], [], [], 0, 0
+    pieces, positions, blocks, shared, cursor = [], [], [], 0, 0
     where = torch.full(ids.shape, -1, dtype=torch.long)
     for key in order:
         rows = groups_of[key]
         share = key[0] if len(rows) > 1 else 0
-        spans = [(rows[0], 0, share)] if share else []  # (row, first, end) of each piece, in packed order
-        spans += [(row, share, lengths_list[row]) for row in rows]
-        start, segments = cursor, []
-        for i, (row, first, end) in enumerate(spans):
-            pieces.append(ids[row, first:end])
-            positions.append(torch.arange(first, end))
-            segments.append(torch.full((end - first,), i if share else 0, dtype=torch.long))
-            targets = rows if share and i == 0 else [row]  # the shared prefix is every group row's prefix
-            for target in targets:
-                where[target, first:end] = torch.arange(cursor, cursor + end - first)
-            cursor += end - first
+        prefix = (cursor, cursor + share)
+        for i, row in enumerate(rows):
+            first = 0 if i == 0 else share  # the first row carries the shared prefix
+            span = (cursor, cursor + lengths_list[row] - first)
+            pieces.append(ids[row, first : lengths_list[row]])
+            positions.append(torch.arange(first, lengths_list[row]))
+            where[row, first : lengths_list[row]] = torch.arange(*span)
+            if i > 0:
+                where[row, :share] = torch.arange(*prefix)
+            keys = [span] if i == 0 else [prefix, span]
+            key_positions = torch.arange(0, lengths_list[row]) if i > 0 else positions[-1]
+            blocks.append(Block(span, keys, positions[-1], key_positions))
+            cursor = span[1]
         shared += len(rows) - 1 if share else 0
-        group_positions = torch.cat(positions[len(positions) - len(spans):])
-        groups.append(Group(start, cursor, group_positions.to(input_ids.device),
-                            torch.cat(segments).to(input_ids.device) if share else None))
     device = input_ids.device
-    return PackedBatch(torch.cat(pieces)[None].to(device), torch.cat(positions)[None].to(device), groups,
+    for block in blocks:
+        block.query_positions, block.key_positions = block.query_positions.to(device), block.key_positions.to(device)
+    return PackedBatch(torch.cat(pieces)[None].to(device), torch.cat(positions)[None].to(device), blocks,
                        where.to(device), shared)
 
 
@@ -133,10 +139,14 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
         raise ValueError("packed attention does not support attention soft-capping or sinks; set training.packing=padded")
     outputs = []
-    for group in preftune_packed.groups:
-        span = slice(group.start, group.end)
-        mask = group.mask(sliding_window)
-        out, _ = sdpa_attention_forward(module, query[:, :, span], key[:, :, span], value[:, :, span], mask,
+    for block in preftune_packed.blocks:
+        if block.causal:
+            keys, values = key[:, :, slice(*block.query)], value[:, :, slice(*block.query)]
+        else:
+            keys = torch.cat([key[:, :, slice(*span)] for span in block.keys], dim=2)
+            values = torch.cat([value[:, :, slice(*span)] for span in block.keys], dim=2)
+        mask = block.mask(sliding_window)
+        out, _ = sdpa_attention_forward(module, query[:, :, slice(*block.query)], keys, values, mask,
                                         dropout=dropout, scaling=scaling, is_causal=mask is None)
         outputs.append(out)
     return torch.cat(outputs, dim=1), None

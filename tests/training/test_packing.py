@@ -43,20 +43,22 @@ MIXED = ([(0, 2), (0, 7), (1, 3), (0, 4), (2, 0)], [5, 3, 6])
 def test_pack_rows_layout_by_hand():
     """Rows: A = [5 6 | 7 8], B = [5 6 | 9], C = [4 | 3 3] (| = end of the shareable prompt).
     A and B share [5 6]: packed [5 6 7 8 9] with positions [0 1 2 3 2]; C alone: [4 3 3], positions [0 1 2].
-    Group 1's mask: token 9 (segment 2, position 2) sees 5, 6 and itself, not 7 or 8."""
+    Attention blocks: [5 6 7 8] causal; 9 (position 2) against keys [5 6 | 9] (positions 0 1 2), all visible;
+    [4 3 3] causal. With a sliding window of 2, 9 sees only 6 and itself."""
     ids, attention, completion = _batch([[5, 6], [4]], [(0, [7, 8]), (0, [9]), (1, [3, 3])])
     packed = pack_rows(ids, attention, torch.tensor([2, 2, 1]))
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 4, 3, 3]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1, 2]]
     assert packed.where.tolist() == [[0, 1, 2, 3], [0, 1, 4, -1], [5, 6, 7, -1]]
     assert packed.shared_rows == 1
-    first, second = packed.groups
-    assert (first.start, first.end, second.start, second.end) == (0, 5, 5, 8)
-    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]])
-    assert first.mask(None)[0, 0].long().tolist() == expected.tolist()
-    assert second.mask(None) is None  # one row: plain causal attention
-    window = first.mask(2)[0, 0]  # sliding window 2: position p sees p-1 and p
-    assert window[3].long().tolist() == [0, 0, 1, 1, 0] and window[4].long().tolist() == [0, 1, 0, 0, 1]
+    first, second, third = packed.blocks
+    assert (first.query, first.keys, first.causal, first.mask(None)) == ((0, 4), [(0, 4)], True, None)
+    assert (second.query, second.keys, second.causal) == ((4, 5), [(0, 2), (4, 5)], False)
+    assert second.mask(None)[0, 0].tolist() == [[True, True, True]]
+    assert second.mask(2)[0, 0].tolist() == [[False, True, True]]
+    assert (third.query, third.causal) == ((5, 8), True)
+    window = first.mask(2)[0, 0]  # position p sees p-1 and p
+    assert window.long().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
 
 
 def test_left_padding_is_not_packed():
