@@ -1,8 +1,8 @@
 """Model forward -> completion log-probs, without ever building the full ``[N, T, V]`` fp32 logits.
 
 The backbone runs once over all rows of a batch (chosen and rejected together); only the hidden states at
-positions that predict a completion token are projected to the vocabulary, in chunks, and each chunk's
-log-softmax runs in fp32. Under autograd each chunk is checkpointed, so only its ``[C, H]`` input is kept
+positions that predict a completion token are projected to the vocabulary, in chunks (of at most
+``chunk_size`` positions and ``CHUNK_LOGITS`` logits), and each chunk's log-softmax runs in fp32. Under autograd each chunk is checkpointed, so only its ``[C, H]`` input is kept
 for backward and the ``[C, V]`` logits are recomputed there: peak memory is one chunk of logits.
 
 Token-level objectives ask for more per position, computed in the same chunks: ``log Σ_v p_v²`` (WPO
@@ -75,6 +75,16 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if head is None or backbone is model:
         raise TypeError(f"{type(model).__name__} is not a causal LM with a separate output head")
     return backbone, head
+
+
+# At most this many fp32 logits per chunk (32 MB): a large vocabulary gets shorter chunks, so the few
+# [C, V] tensors alive at once (logits, log-softmax, their gradient) stay ~100 MB whatever V is.
+CHUNK_LOGITS = 8 * 2**20
+
+
+def _vocabulary(head: nn.Module) -> int:
+    weight = getattr(head, "weight", None)
+    return weight.shape[0] if weight is not None else 1
 
 
 def _logit_softcap(model: nn.Module) -> float | None:
@@ -150,6 +160,7 @@ def completion_logps(
     targets = input_ids[:, 1:][rows, cols]
     softcap = _logit_softcap(model)
     pieces, ref_pieces = [], []
+    chunk_size = max(1, min(chunk_size, CHUNK_LOGITS // _vocabulary(head)))
     for start in range(0, selected.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
         ref_logprobs = None
