@@ -115,9 +115,10 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, shared_prefix: Tensor |
             where[row, first : lengths_list[row]] = torch.arange(*span)
             if i > 0:
                 where[row, :share] = torch.arange(*prefix)
-            keys = [span] if i == 0 else [prefix, span]
-            key_positions = torch.arange(0, lengths_list[row]) if i > 0 else positions[-1]
-            blocks.append(Block(span, keys, positions[-1], key_positions))
+            if span[1] > span[0]:  # a row that is all prefix has no queries of its own
+                keys = [span] if i == 0 else [prefix, span]
+                key_positions = torch.arange(0, lengths_list[row]) if i > 0 else positions[-1]
+                blocks.append(Block(span, keys, positions[-1], key_positions))
             cursor = span[1]
         shared += len(rows) - 1 if share else 0
     device = input_ids.device

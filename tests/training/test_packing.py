@@ -161,3 +161,17 @@ def test_training_is_the_same_run_packed_or_padded(base_config, other_model_dir,
                 assert packed[key] == pytest.approx(value, rel=1e-6, abs=1e-5), key
             elif key == "grad_norm":
                 assert packed[key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_a_row_that_is_all_prompt_shares_it_and_scores_nothing():
+    """Rows [5 6 | 7] and [5 6 |] (an empty completion, as a cut KTO row can be): the second row is all
+    prefix, so it adds no token and no attention block; its last position reads the shared prefix."""
+    ids, attention, completion = _batch([[5, 6, 8]], [(0, [7]), (0, [])])
+    packed = pack_rows(ids, attention, torch.tensor([3, 3]))
+    assert packed.input_ids.tolist() == [[5, 6, 8, 7]] and len(packed.blocks) == 1
+    assert packed.where.tolist() == [[0, 1, 2, 3], [0, 1, 2, -1]]
+    model = tiny_llama()
+    plain = completion_logps(model, ids, attention, completion, packing="padded", prompt_hidden=True)
+    shared = completion_logps(model, ids, attention, completion, packing="prefix_shared", prompt_hidden=True)
+    torch.testing.assert_close(shared.sums, plain.sums, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.prompt_hidden, plain.prompt_hidden, atol=1e-5, rtol=0)
