@@ -35,8 +35,10 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check preftune tests benchmarks
 
+# Every benchmark side by side with TRL / transformers (benchmarks/README.md): JSON in benchmarks/results/speed.json,
+# the table printed and written into benchmarks/README.md. BENCH_ARGS=--only tiny-8k,sampling for a subset.
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python benchmarks/bench_dpo.py
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 # The DPO paper's controlled-sentiment experiment, small preset: ~30 min on 2 CPU cores (experiments/frontier).
 frontier: $(STAMP)

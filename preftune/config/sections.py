@@ -139,7 +139,11 @@ class LoopConfig:
 class TrainingConfig(LoopConfig):
     # sDPO: N consecutive parts of the train split (or a list of files), each stage's model the next's reference
     stages: int | list[str] | None = None
-    logps_chunk_size: int = 1024  # completion positions projected to the vocabulary at once
+    logps_chunk_size: int = 1024  # completion positions projected to the vocabulary at once (fewer if vocab > 8k)
+    # How rows go through the model (training/packing.py): prefix_shared computes each prompt once for all its
+    # completions, without padding; padding_free only drops the padding; padded is the plain batch. Every
+    # mode gives the same log-probs; models whose attention cannot be packed run padded.
+    packing: Literal["prefix_shared", "padding_free", "padded"] = "prefix_shared"
     # at each evaluation, greedy generations for this many fixed held-out prompts -> samples.jsonl + trackers
     sample_prompts: int = 0
     sample_max_new_tokens: int = 64

@@ -25,6 +25,7 @@ from ..atomic import write_json
 from ..config import Config, ConfigError
 from ..data import Collator, batches, read_splits, tokenize_examples
 from ..training.logps import CompletionLogps
+from ..training.precision import bf16_compute
 from ..training.reference import AdapterOffReference, ModelReference
 from ..training.schedule import sequential_batches
 from ..training.step import Scorer, evaluate
@@ -78,10 +79,11 @@ def build_eval_reference(config: Config, policy: torch.nn.Module, autocast) -> M
     base = modeling.adapter_base(Path(modeling.resolve(config.model.name_or_path)))
     if base is not None and (name is None or modeling.portable_path(name) == modeling.portable_path(base)):
         log.info("reference: the adapter's base %s (adapters off)", base)
-        return AdapterOffReference(policy, chunk, autocast)
+        return AdapterOffReference(policy, chunk, autocast, config.training.packing)
     log.info("reference: %s", name)
     model = modeling.load_frozen(name, config.model, precision=config.training.precision)
-    return ModelReference(modeling.place(model, next(policy.parameters()).device), chunk, autocast)
+    return ModelReference(modeling.place(model, next(policy.parameters()).device), chunk, autocast,
+                          config.training.packing)
 
 
 def report_path(config: Config) -> Path:
@@ -107,14 +109,15 @@ def evaluate_model(config: Config) -> dict[str, float]:
     log.info("%s: %s", "held-out" if splits.eval else "all rows", summary.describe())
     policy = modeling.place(_load_policy(config), accelerator.device).eval()
     reference = build_eval_reference(config, policy, accelerator.autocast) if objective.needs_reference else None
-    wrapped = CompletionLogps(policy, config.training.logps_chunk_size)
+    wrapped = CompletionLogps(policy, config.training.logps_chunk_size, packing=config.training.packing)
     recorder = LikelihoodRecorder(lambda *a, **kw: _autocast_call(accelerator, wrapped, *a, **kw))
     scorer = Scorer(recorder, reference, objective)
     if objective.needs_live_reference and reference is not None:
         scorer.token_reference = reference.token_level()
     order = sequential_batches(len(tokenized), config.training.eval_batch_size)
     loader = batches(tokenized, order, Collator(tokenizer.pad_token_id, splits.shape), accelerator.device)
-    metrics = evaluate(scorer, tqdm(loader, total=len(order), desc="evaluating"), policy)
+    with bf16_compute(config.training.precision, accelerator.device):
+        metrics = evaluate(scorer, tqdm(loader, total=len(order), desc="evaluating"), policy)
     metrics["eval/examples"] = float(len(tokenized))
     metrics.update(likelihood_length_analysis(recorder, splits.shape))
     write_json(report_path(config), metrics)

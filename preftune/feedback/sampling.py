@@ -2,8 +2,9 @@
 
 Both backends take token ids rendered here, so the HF and vLLM paths see exactly the same prompt tokens
 (one BOS, the chat template's generation header) and return the completions as text. The Hugging Face
-backend pads on the left (a decoder-only model continues from the last position of every row) and
-generates with the KV cache; the vLLM backend is used only when vLLM is importable and a GPU is present.
+backend pads on the left (a decoder-only model continues from the last position of every row) and decodes
+with preftune's batched loop (``decode``), or ``model.generate`` for models that loop does not cover; the
+vLLM backend is used only when vLLM is importable and a GPU is present.
 """
 
 from __future__ import annotations
@@ -72,12 +73,18 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
 
 
 class HFSampler:
-    """``model.generate`` on left-padded batches; K samples per prompt via ``num_return_sequences``."""
+    """K samples per prompt on left-padded batches: preftune's decode loop (``decode``: one prefill per prompt,
+    a preallocated KV cache, finished rows leaving the batch) where the model supports it, else
+    ``model.generate`` with ``num_return_sequences``. Greedy decoding gives ``generate``'s tokens either way;
+    sampling is seeded per batch (``batch_seed``), so a resumed job samples what an uninterrupted one would."""
 
     def __init__(self, model: nn.Module, tokenizer, sampling: SamplingConfig):
+        from .decode import decode_supported
+
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.device = next(model.parameters()).device
         self.stop_ids = stop_token_ids(model, tokenizer)
+        self.fast = decode_supported(model)
 
     def _options(self) -> dict:
         s = self.sampling
@@ -86,22 +93,35 @@ class HFSampler:
                    "repetition_penalty": 1.0}  # explicit: a model's generation_config would otherwise apply its own
         if s.temperature > 0:
             options.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-        else:
-            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:  # transformers refuses several greedy sequences per prompt: one, repeated
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1)
         return options
 
-    @torch.no_grad()
-    def sample(self, prompt_ids: list[list[int]], indices: list[int]) -> list[list[str]]:
-        """K completion texts for each prompt; ``indices`` (positions in the prompt file) pick the seed."""
+    def _generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[int]]:
         width = max(len(ids) for ids in prompt_ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=self.device)
-        torch.manual_seed(batch_seed(self.sampling.seed, indices[0]))
-        output = self.model.generate(input_ids=input_ids, attention_mask=mask, **self._options())
-        texts = self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-        k = self.sampling.num_samples
-        return [texts[i * k : (i + 1) * k] for i in range(len(prompt_ids))]
+        torch.manual_seed(seed)
+        return self.model.generate(input_ids=input_ids, attention_mask=mask, **self._options())[:, width:].tolist()
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: list[list[int]], indices: list[int]) -> list[list[str]]:
+        """K completion texts for each prompt; ``indices`` (positions in the prompt file) pick the seed."""
+        from .decode import DecodeSettings, decode
+
+        s, seed = self.sampling, batch_seed(self.sampling.seed, indices[0])
+        per_prompt = s.num_samples if s.temperature > 0 else 1  # greedy: every sample is the same
+        if self.fast:
+            settings = DecodeSettings(s.max_new_tokens, self.stop_ids, self.tokenizer.pad_token_id, s.temperature,
+                                      s.top_p, s.top_k)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            tokens = decode(self.model, prompt_ids, settings, per_prompt, generator)
+        else:
+            tokens = self._generate(prompt_ids, seed)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [[texts[i * per_prompt + (k if per_prompt > 1 else 0)] for k in range(s.num_samples)]
+                for i in range(len(prompt_ids))]
 
 
 class VLLMSampler:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .. import modeling
+from ..training.packing import backbone_hidden
 
 FORMAT = "preftune-reward-model"
 META_FILE = "reward_model.json"
@@ -156,11 +157,19 @@ class RewardModel(nn.Module):
         self.backbone.eval()
         return self
 
-    def pool(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """input_ids, attention_mask: (N, T), right-padded -> (N, H) float32."""
+    def pool(self, input_ids: Tensor, attention_mask: Tensor, shared_prefix: Tensor | None = None,
+             packing: str = "padding_free") -> Tensor:
+        """input_ids, attention_mask: (N, T), right-padded -> (N, H) float32. A decoder read at its last token
+        runs packed (``training.packing``): without padding, and texts that begin with the same
+        ``shared_prefix`` (N,) tokens (a pair's prompt) compute it once; the same vectors as padded."""
+        last = attention_mask.sum(dim=1) - 1
+        if self.meta.pooling == "last" and self.meta.kind == "decoder" and packing != "padded":
+            backbone = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+            hidden, where = backbone_hidden(backbone, input_ids, attention_mask, packing, shared_prefix)
+            pooled = hidden[where[torch.arange(input_ids.shape[0], device=input_ids.device), last]].float()
+            return F.normalize(pooled, dim=-1) if self.meta.normalize else pooled
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
         if self.meta.pooling == "last":
-            last = attention_mask.sum(dim=1) - 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -172,11 +181,12 @@ class RewardModel(nn.Module):
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
-                pooled: Tensor | None = None) -> Tensor:
+                pooled: Tensor | None = None, shared_prefix: Tensor | None = None,
+                packing: str = "padding_free") -> Tensor:
         """(N,) rewards of right-padded texts ``(N, T)``, or of vectors already pooled ``(N, H)`` (the frozen
         backbone's cache: only the head runs)."""
         if pooled is None:
-            pooled = self.pool(input_ids, attention_mask)
+            pooled = self.pool(input_ids, attention_mask, shared_prefix, packing)
         return self.score_pooled(pooled)
 
     @torch.no_grad()

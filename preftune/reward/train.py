@@ -22,6 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -34,6 +35,7 @@ from ..training.distributed import is_main_process, reduce_across
 from ..training.fingerprint import model_identity, settings
 from ..training.loop import Loop, run_log
 from ..training.metrics import MeanAccumulator, tracker_names
+from ..training.precision import bf16_compute, restore_frozen_linears, store_frozen_linears_in_bf16
 from ..training.schedule import sequential_batches, shards
 from .data import (
     Group,
@@ -64,6 +66,9 @@ class RewardTrainingConfig(LoopConfig):
     eval_batch_size: int = 64  # pairs or lists per evaluation batch; texts per batch when pooling a frozen backbone
     learning_rate: float = 1e-5  # the backbone's (or its LoRA adapters')
     head_learning_rate: float | None = None  # null: learning_rate (a frozen backbone trains the head alone)
+    # Decoders read at the last token run packed: prefix_shared (the texts of a pair or list compute their
+    # common beginning, the prompt, once), padding_free, or padded; the same rewards either way.
+    packing: Literal["prefix_shared", "padding_free", "padded"] = "prefix_shared"
 
 
 @dataclass
@@ -112,6 +117,23 @@ def load_reward_config(path: str | Path, overrides: list[str] = (), cls: type = 
     return config
 
 
+def _group_prefixes(sequences: list[list[int]], groups: Tensor, present: Tensor) -> Tensor:
+    """(N,) for each sequence, the tokens it has in common with every other sequence of its group (a row of
+    ``groups`` (B, K), positions in ``sequences``; ``present`` (B, K) marks the real members): a pair's or a
+    list's shared prompt, computed once."""
+    shared = torch.zeros(len(sequences), dtype=torch.long)
+    for row, real in zip(groups.tolist(), present.tolist(), strict=True):
+        members = list(dict.fromkeys(m for m, r in zip(row, real, strict=True) if r))
+        if len(members) < 2:
+            continue
+        length = min(len(sequences[m]) for m in members)
+        first = sequences[members[0]]
+        common = next((i for i in range(length) if any(sequences[m][i] != first[i] for m in members)), length)
+        for m in members:
+            shared[m] = max(int(shared[m]), common)
+    return shared
+
+
 class TextRewards:
     """Rewards of texts by index: the head on cached pooled vectors (frozen backbone), else a forward pass
     over the distinct texts of the batch. ``forward`` is the model as the loop prepared it (gradients are
@@ -122,19 +144,26 @@ class TextRewards:
         self.model, self.texts, self.tokenizer = model, texts, tokenizer
         self.forward = forward or model
         self.pad_id, self.batch_size = tokenizer.pad_token_id, config.training.eval_batch_size
+        self.packing = config.training.packing
         self.device = model.head.weight.device
         self.cache = None
         if config.model.freeze_backbone:
             self.cache = model.pooled_in_batches(texts.ids, self.pad_id, self.batch_size, progress)
 
-    def __call__(self, index: Tensor) -> Tensor:
-        """index: any shape of text indices -> rewards of the same shape."""
+    def __call__(self, index: Tensor, mask: Tensor | None = None) -> Tensor:
+        """index: any shape of text indices -> rewards of the same shape. Groups ``(B, K)`` with their
+        ``mask`` (B, K) share each group's common beginning (``training.packing``)."""
         unique, inverse = index.reshape(-1).unique(return_inverse=True)
         if self.cache is not None:
             rewards = self.forward(pooled=self.cache[unique])
         else:
-            ids, mask = pad_batch([self.texts.ids[i] for i in unique.tolist()], self.pad_id)
-            rewards = self.forward(ids.to(self.device), mask.to(self.device))
+            sequences = [self.texts.ids[i] for i in unique.tolist()]
+            ids, attention = pad_batch(sequences, self.pad_id)
+            shared = None
+            if mask is not None and index.dim() == 2:
+                shared = _group_prefixes(sequences, inverse.reshape(index.shape).cpu(), mask.cpu())
+            rewards = self.forward(ids.to(self.device), attention.to(self.device), shared_prefix=shared,
+                                   packing=self.packing)
         return rewards.float()[inverse].reshape(index.shape)
 
     @torch.no_grad()
@@ -169,7 +198,7 @@ def evaluate_groups(rewards: TextRewards, groups: list[Group], batch_size: int, 
     sums = MeanAccumulator()
     for part in shards(sequential_batches(len(groups), batch_size * world), rank, world):
         index, mask, scores = stack_groups([groups[i] for i in part], rewards.device)
-        values = rewards(index)  # a stand-in runs too: the prepared model's forward may be collective
+        values = rewards(index, mask)  # a stand-in runs too: the prepared model's forward may be collective
         if part.stand_in:
             continue
         metrics = _group_metrics(values, mask, scores)
@@ -215,7 +244,7 @@ class RewardTask:
     def loss(self, module, batch, step: int, micro: int, weight: float,
              stats: MeanAccumulator) -> tuple[Tensor, int]:
         index, mask, scores = batch
-        values = self.rewards(index)
+        values = self.rewards(index, mask)
         losses = plackett_luce_loss(values, mask)
         metrics = _group_metrics(values.detach(), mask, scores)
         stats.add("loss", float(losses.detach().sum()), len(losses))
@@ -254,6 +283,7 @@ class RewardTask:
         run_dir = Path(self.config.training.output_dir)
         final, tmp = run_dir / "final", run_dir / f".tmp-final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        restore_frozen_linears(module.backbone, modeling.DTYPES[self.config.model.dtype])  # merging must not round
         if hasattr(module.backbone, "merge_and_unload"):
             module.backbone = module.backbone.merge_and_unload()  # the last use of this model
         module.save(tmp, self.tokenizer)
@@ -286,11 +316,14 @@ def train_reward(config: RewardConfig) -> RewardResult:
         torch.manual_seed(t.seed)
         accelerator = modeling.make_accelerator(t.precision, tracker_names(t), run_dir)
         model = build_model(config, t.seed).to(accelerator.device)
+        if t.precision == "bf16" and config.lora.enabled:  # LoRA's base: stored as autocast would use it
+            store_frozen_linears_in_bf16(model.backbone)
         tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path), config.model.trust_remote_code)
         model.meta.chat_template = resolved_chat_template(config.data, splits.train + splits.eval, tokenizer)
         texts, train, held_out = build_groups(splits, tokenizer, model.meta)
         task = RewardTask(config, model, tokenizer, texts, train, held_out)
-        run = Loop(t, task, accelerator, run_dir).fit()
+        with bf16_compute(t.precision, accelerator.device):
+            run = Loop(t, task, accelerator, run_dir).fit()
     result = RewardResult(run_dir, run.final_dir, run.eval_before or {}, run.eval_after or {}, run.interrupted,
                           task.rewards)
     if not run.interrupted and main:

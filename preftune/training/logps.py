@@ -1,12 +1,25 @@
 """Model forward -> completion log-probs, without ever building the full ``[N, T, V]`` fp32 logits.
 
 The backbone runs once over all rows of a batch (chosen and rejected together); only the hidden states at
-positions that predict a completion token are projected to the vocabulary, in chunks, and each chunk's
-log-softmax runs in fp32. Under autograd each chunk is checkpointed, so only its ``[C, H]`` input is kept
+positions that predict a completion token are projected to the vocabulary, in chunks (of at most
+``chunk_size`` positions and ``CHUNK_LOGITS`` logits), and each chunk's log-softmax runs in fp32. Under autograd each chunk is checkpointed, so only its ``[C, H]`` input is kept
 for backward and the ``[C, V]`` logits are recomputed there: peak memory is one chunk of logits.
 
 Token-level objectives ask for more per position, computed in the same chunks: ``log Σ_v p_v²`` (WPO
 weights) and, given a live reference, ``KL(π_ref ‖ π_θ)`` over the vocabulary (TDPO).
+
+Prefix sharing and padding-free batches (``packing``, default ``prefix_shared``): the backbone sees the
+batch as one packed sequence without padding in which each prompt appears once, followed by each of its
+completions; attention runs per prompt group with a tree mask (every completion sees the prompt and itself,
+never its sibling) and position ids that continue the prompt's. We chose this over a shared KV cache because
+it is one forward, so the linear layers (nearly all the FLOPs) see the batch's real tokens in one matrix
+product, and gradients reach the shared prompt from every completion through plain autograd, with gradient
+checkpointing, LoRA and any number of completions per prompt (pairs, KTO's mismatched rows, ranked lists)
+unchanged; a cache would need two passes, a copy of the cache per completion and padding in each pass. The
+selected positions are read back in the padded batch's row-major order, so everything downstream, per-token
+objectives (TDPO, WPO, LD-DPO) included, sees exactly what the padded path gives (to float rounding). A model
+whose attention cannot be swapped (not sdpa through transformers' attention interface, soft-capped logits)
+or a batch that is not right-padded runs padded; ``packing: padded`` turns it off.
 """
 
 from __future__ import annotations
@@ -17,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from .packing import backbone_hidden, prompt_lengths
 
 
 @dataclass
@@ -62,6 +77,16 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return backbone, head
 
 
+# At most this many fp32 logits per chunk (32 MB): a large vocabulary gets shorter chunks, so the few
+# [C, V] tensors alive at once (logits, log-softmax, their gradient) stay ~100 MB whatever V is.
+CHUNK_LOGITS = 8 * 2**20
+
+
+def _vocabulary(head: nn.Module) -> int:
+    weight = getattr(head, "weight", None)
+    return weight.shape[0] if weight is not None else 1
+
+
 def _logit_softcap(model: nn.Module) -> float | None:
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(getattr(model, "config", None), "final_logit_softcapping", None)
@@ -90,42 +115,52 @@ class TokenReference:
     """A frozen reference seen token by token: its hidden states at the scored positions and its LM head.
     ``disable`` is a context manager factory for references that are the policy with adapters off."""
 
-    def __init__(self, model: nn.Module, disable=None):
-        self.model, self.disable = model, disable
+    def __init__(self, model: nn.Module, disable=None, packing: str = "prefix_shared"):
+        self.model, self.disable, self.packing = model, disable, packing
         self.backbone, head = split_causal_lm(model)
         self.head = getattr(head, "base_layer", head)  # a LoRA-wrapped head without its adapter
         self.softcap = _logit_softcap(model)
 
     @torch.no_grad()
-    def selected_hidden(self, input_ids: Tensor, attention_mask: Tensor, predicts: Tensor) -> Tensor:
+    def selected_hidden(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, rows: Tensor,
+                        cols: Tensor) -> Tensor:
         with self.disable() if self.disable else contextlib.nullcontext():
-            return _selected_hidden(self.backbone, input_ids, attention_mask, predicts)[1]
+            hidden, where = _hidden(self.backbone, input_ids, attention_mask, completion_mask, self.packing)
+            return hidden[where[rows, cols]]
 
 
-def _selected_hidden(backbone, input_ids, attention_mask, predicts):
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    rows, cols = predicts.nonzero(as_tuple=True)
-    return hidden, hidden[:, :-1][rows, cols], rows, cols
+def _hidden(backbone, input_ids, attention_mask, completion_mask, packing):
+    """(hidden (L, H), where (N, T)) of every row; rows with the same prompt share its computation."""
+    return backbone_hidden(backbone, input_ids, attention_mask, packing,
+                           shared_prefix=prompt_lengths(completion_mask, attention_mask))
 
 
 def completion_logps(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, chunk_size: int = 1024,
     *, sum_sq: bool = False, reference: TokenReference | None = None, prompt_hidden: bool = False,
+    packing: str = "prefix_shared",
 ) -> SequenceLogps:
     """Log-probs of the completion tokens of every row.
 
     input_ids, attention_mask ``(N, T)``; completion_mask ``(N, T)`` bool, True where a completion token sits.
     Token t is predicted from the hidden state at t-1, so position 0 is never scored. With ``reference``
-    (a frozen model sharing the tokenizer) its log-probs and the per-token KL are computed too.
+    (a frozen model sharing the tokenizer) its log-probs and the per-token KL are computed too. ``packing``
+    (``prefix_shared``, ``padding_free``, ``padded``) is how the rows go through the backbone (``packing``
+    module); every mode gives the same log-probs.
     """
     backbone, head = split_causal_lm(model)
     predicts = completion_mask[:, 1:]
+    rows, cols = predicts.nonzero(as_tuple=True)  # position cols predicts token cols + 1
     # reference first: a reference that swaps weights into the policy must be done before autograd saves them
-    ref_selected = reference.selected_hidden(input_ids, attention_mask, predicts) if reference is not None else None
-    hidden, selected, rows, cols = _selected_hidden(backbone, input_ids, attention_mask, predicts)
+    ref_selected = None
+    if reference is not None:
+        ref_selected = reference.selected_hidden(input_ids, attention_mask, completion_mask, rows, cols)
+    hidden, where = _hidden(backbone, input_ids, attention_mask, completion_mask, packing)
+    selected = hidden[where[rows, cols]]
     targets = input_ids[:, 1:][rows, cols]
     softcap = _logit_softcap(model)
     pieces, ref_pieces = [], []
+    chunk_size = max(1, min(chunk_size, CHUNK_LOGITS // _vocabulary(head)))
     for start in range(0, selected.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
         ref_logprobs = None
@@ -152,7 +187,7 @@ def completion_logps(
         out.reference_sums = _row_sums(out.reference_token_logps, rows, n_rows)
     if prompt_hidden:
         last_prompt = completion_mask.float().argmax(dim=1) - 1  # the position predicting the first completion token
-        out.prompt_hidden = hidden[torch.arange(n_rows, device=hidden.device), last_prompt.clamp(min=0)]
+        out.prompt_hidden = hidden[where[torch.arange(n_rows, device=hidden.device), last_prompt.clamp(min=0)]]
     return out
 
 
@@ -164,16 +199,19 @@ class CompletionLogps(nn.Module):
     """Wraps a causal LM (and an optional value head) so one ``forward`` returns completion log-probs.
     Distributed wrappers (DDP, FSDP) wrap this module, so gradient synchronisation sees all of it."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, value_head: nn.Module | None = None):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, value_head: nn.Module | None = None,
+                 packing: str = "prefix_shared"):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.value_head = value_head
+        self.packing = packing
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, *, sum_sq: bool = False,
                 reference: TokenReference | None = None) -> SequenceLogps:
         out = completion_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
-                               sum_sq=sum_sq, reference=reference, prompt_hidden=self.value_head is not None)
+                               sum_sq=sum_sq, reference=reference, prompt_hidden=self.value_head is not None,
+                               packing=self.packing)
         if self.value_head is not None:
             # V(x) reads the policy's features without pushing the value loss into the policy (DRO trains
             # policy and value with separate gradients, Richemond et al. 2024, Eq. 10)

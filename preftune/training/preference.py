@@ -22,6 +22,7 @@ from .fingerprint import model_identity, settings
 from .logps import CompletionLogps
 from .loop import Loop, TrainResult, run_log
 from .metrics import MeanAccumulator, add_batch_statistics, tracker_names
+from .precision import bf16_compute, restore_frozen_linears, store_frozen_linears_in_bf16
 from .reference import build_reference, precompute_reference
 from .samples import generate_samples, sample_prompts
 from .schedule import Shard, sequential_batches, shards
@@ -59,7 +60,7 @@ class PreferenceTask:
                         objective.name, t.gradient_accumulation_steps, t.batch_size,
                         t.batch_size * t.gradient_accumulation_steps)
         value_head = _value_head(policy) if objective.needs_value else None
-        self.module = CompletionLogps(policy, t.logps_chunk_size, value_head)
+        self.module = CompletionLogps(policy, t.logps_chunk_size, value_head, t.packing)
         self.state: dict[str, torch.Tensor] = {}  # the objective's running statistics (β-DPO, BCO)
         self.syncs = 0
         self.retain = None
@@ -72,6 +73,8 @@ class PreferenceTask:
         config, objective = self.config, self.objective
         self.accelerator, self.progress = accelerator, progress
         reference = build_reference(config, objective, self.policy, accelerator.autocast)
+        if config.training.precision == "bf16" and getattr(reference, "model", None) is not None:
+            store_frozen_linears_in_bf16(reference.model)  # a frozen copy: autocast would round it at every use
         if config.reference.sync_steps:
             if reference is None:
                 raise ValueError(f"reference.sync_steps (TR-DPO) needs an objective with a reference; "
@@ -169,6 +172,7 @@ class PreferenceTask:
                 "model": model_identity(modeling.resolve(self.config.model.name_or_path))}
 
     def export(self, module, history: list[dict]) -> Path:
+        restore_frozen_linears(module.model, modeling.DTYPES[self.config.model.dtype])  # merging must not round
         return export_final(self.config, module.model, self.tokenizer, Path(self.config.training.output_dir),
                             history, self.data, self.objective.primary.objective, value_head=module.value_head)
 
@@ -188,8 +192,11 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
         tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         data = tokenize_splits(config, splits, tokenizer, run_dir if main else None)
         policy = modeling.place(modeling.load_policy(config), accelerator.device)
+        if config.training.precision == "bf16":  # LoRA's frozen base: stored as autocast would use it
+            store_frozen_linears_in_bf16(policy)
         trainable, total = modeling.count_parameters(policy)
         log.info("policy: %s%s, %d of %d parameters trainable", config.model.name_or_path,
                  f" ({config.model.quantization} quantized)" if config.model.quantization else "", trainable, total)
         task = PreferenceTask(config, objective, tokenizer, policy, data, splits.shape)
-        return Loop(config.training, task, accelerator, run_dir).fit()
+        with bf16_compute(config.training.precision, accelerator.device):
+            return Loop(config.training, task, accelerator, run_dir).fit()

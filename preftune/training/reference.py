@@ -33,15 +33,15 @@ Batch = dict[str, Tensor]
 class ModelReference:
     """A separate frozen model (a copy of the starting policy, or another model given by path)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int, autocast: Callable[[], contextlib.AbstractContextManager]):
-        self.model, self.chunk_size, self.autocast = model, chunk_size, autocast
+    def __init__(self, model: nn.Module, chunk_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
+                 packing: str = "prefix_shared"):
+        self.model, self.chunk_size, self.autocast, self.packing = model, chunk_size, autocast, packing
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Tensor:
         with self.autocast():
-            out = completion_logps(
-                self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], self.chunk_size
-            )
+            out = completion_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                   self.chunk_size, packing=self.packing)
         return out.sums
 
     def release(self) -> None:
@@ -49,7 +49,7 @@ class ModelReference:
 
     def token_level(self) -> TokenReference:
         """This reference seen position by position (token-level objectives)."""
-        return TokenReference(self.model)
+        return TokenReference(self.model, packing=self.packing)
 
     def weights_digest(self) -> str:
         """What the reference computes with, for the precomputed cache's key."""
@@ -73,7 +73,7 @@ class AdapterOffReference(ModelReference):
         self.model = None  # the policy lives on; only this handle goes
 
     def token_level(self) -> TokenReference:
-        return TokenReference(self.model, disable=self.model.disable_adapter)
+        return TokenReference(self.model, disable=self.model.disable_adapter, packing=self.packing)
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -84,8 +84,8 @@ class AdapterSwapReference(ModelReference):
     """The policy with the LoRA adapter it started from swapped in: the SFT model when DPO trains an SFT
     adapter further (no second copy of the base weights, one copy of the adapter's)."""
 
-    def __init__(self, model: nn.Module, chunk_size: int, autocast):
-        super().__init__(model, chunk_size, autocast)
+    def __init__(self, model: nn.Module, chunk_size: int, autocast, packing: str = "prefix_shared"):
+        super().__init__(model, chunk_size, autocast, packing)
         self.adapter = {name: p.detach().clone() for name, p in lora_parameters(model).items()}
 
     @contextlib.contextmanager
@@ -113,7 +113,7 @@ class AdapterSwapReference(ModelReference):
             self.model.train(was_training)
 
     def token_level(self) -> TokenReference:
-        return TokenReference(self.model, disable=self.swapped)
+        return TokenReference(self.model, disable=self.swapped, packing=self.packing)
 
     def weights_digest(self) -> str:
         return weights_digest(self.model, self.adapter)
@@ -201,15 +201,15 @@ def build_reference(config: Config, objective, policy: nn.Module, autocast) -> M
     it started from (an SFT adapter) or with adapters off; or a frozen copy."""
     if not objective.needs_reference:
         return None
-    chunk = config.training.logps_chunk_size
+    chunk, packing = config.training.logps_chunk_size, config.training.packing
     if config.reference.name_or_path:
         model = modeling.load_frozen(config.reference.name_or_path, config.model, precision=config.training.precision)
-        return ModelReference(modeling.place(model, next(policy.parameters()).device), chunk, autocast)
+        return ModelReference(modeling.place(model, next(policy.parameters()).device), chunk, autocast, packing)
     if config.lora.enabled and modeling.is_adapter(config.model.name_or_path):
-        return AdapterSwapReference(policy, chunk, autocast)
+        return AdapterSwapReference(policy, chunk, autocast, packing)
     if config.lora.enabled:
-        return AdapterOffReference(policy, chunk, autocast)
-    return ModelReference(modeling.frozen_copy(policy), chunk, autocast)
+        return AdapterOffReference(policy, chunk, autocast, packing)
+    return ModelReference(modeling.frozen_copy(policy), chunk, autocast, packing)
 
 
 def precompute_reference(

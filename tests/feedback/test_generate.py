@@ -18,7 +18,6 @@ from preftune.feedback.generate import GenerateConfig, PromptsConfig, generate, 
 from preftune.feedback.sampling import (
     HFSampler,
     SamplingConfig,
-    batch_seed,
     load_for_sampling,
     load_tokenizer_for,
 )
@@ -72,7 +71,11 @@ def test_rows_match_a_hand_written_generate_call(tiny_model_dir, tmp_path):
     assert rows[0]["generation"] == {"num_samples": 3, "max_new_tokens": 6, "temperature": 0.9, "top_p": 0.95,
                                      "top_k": 0, "seed": 7, "chat_template": True}
 
-    # the first batch (prompts 0 and 1) by hand: ChatML written out, left padding, the batch's seed
+    # greedy, the first batch (prompts 0 and 1) by hand: ChatML written out, left padding, model.generate; the
+    # sampled rows above come from preftune's decode loop (tests/feedback/test_decode.py), whose greedy tokens
+    # must be generate's
+    greedy = make_config(tiny_model_dir, tmp_path / "prompts.jsonl", tmp_path / "greedy.jsonl", temperature=0.0)
+    generate(greedy)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer, model = AutoTokenizer.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -80,11 +83,11 @@ def test_rows_match_a_hand_written_generate_call(tiny_model_dir, tmp_path):
              f"<s><|im_start|>user\n{PROMPTS[1][0]['content']}<|im_end|>\n<|im_start|>assistant\n"]
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    torch.manual_seed(batch_seed(7, 0))
-    out = model.eval().generate(**enc, do_sample=True, temperature=0.9, top_p=0.95, top_k=0, max_new_tokens=6,
-                                num_return_sequences=3, pad_token_id=tokenizer.pad_token_id, eos_token_id=[1])
+    out = model.eval().generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=[1])
     expected = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert rows[0]["completions"] + rows[1]["completions"] == expected
+    rows = read(tmp_path / "greedy.jsonl")
+    assert rows[0]["completions"] + rows[1]["completions"] == [expected[0]] * 3 + [expected[1]] * 3
 
 
 def test_same_seed_same_file_other_seed_other_completions(tiny_model_dir, tmp_path, tiny_sampler_parts):

@@ -142,3 +142,28 @@ def test_ctrl_c_stops_a_reward_run_with_a_checkpoint_and_the_rerun_finishes_it(r
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, stopped + 3))
+
+
+def test_packed_reward_runs_equal_padded_ones(raw, tmp_path):
+    """The same 4 steps with prefix-shared packing (each pair's "Review:" prompt computed once for both texts,
+    no padding) and with padded batches: every logged loss equal to 1e-5, and the heads trained alike."""
+    padded = run({**raw, "training": {**raw["training"], "output_dir": str(tmp_path / "padded"), "packing": "padded"}})
+    shared = run({**raw, "training": {**raw["training"], "output_dir": str(tmp_path / "shared")}})
+    assert [s for s, _ in losses(shared.run_dir)] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(losses(padded.run_dir), losses(shared.run_dir), strict=True):
+        assert b == pytest.approx(a, abs=1e-5)
+    head_a = load_file(str(padded.final_dir / "reward_head.safetensors"))["weight"]
+    head_b = load_file(str(shared.final_dir / "reward_head.safetensors"))["weight"]
+    torch.testing.assert_close(head_b, head_a, atol=1e-5, rtol=1e-4)
+
+
+def test_group_prefixes_by_hand():
+    """Texts [1 2 3 4], [1 2 5], [1 2 3 9], [7 8]; groups (0, 1) and (2, 3, absent 0): pair 0-1 shares [1 2]
+    (2 tokens); text 2's real group partner 3 shares nothing (the absent slot does not count), so text 0
+    keeps 2 and texts 2 and 3 get 0."""
+    from preftune.reward.train import _group_prefixes
+
+    sequences = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 9], [7, 8]]
+    groups = torch.tensor([[0, 1, 0], [2, 3, 0]])
+    present = torch.tensor([[True, True, False], [True, True, False]])
+    assert _group_prefixes(sequences, groups, present).tolist() == [2, 2, 0, 0]

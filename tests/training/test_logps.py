@@ -57,3 +57,20 @@ def test_gradients_equal_the_full_logits_gradients(batch):
     (target * completion[:, 1:]).sum().backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(chunked[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_large_vocabularies_get_shorter_chunks(batch, monkeypatch):
+    """CHUNK_LOGITS caps a chunk's logits: with room for 3 rows of the 512-token vocabulary, chunks of 4096
+    positions become chunks of 3, and the sums still equal the full-logits ones."""
+    from preftune.training import logps
+
+    ids, attention, completion = batch
+    model = tiny_llama(seed=0)
+    sizes = []
+    original = logps._chunk_stats
+    monkeypatch.setattr(logps, "CHUNK_LOGITS", 3 * 512)
+    monkeypatch.setattr(logps, "_chunk_stats", lambda head, hidden, *a: sizes.append(len(hidden)) or original(head, hidden, *a))
+    out = completion_logps(model, ids, attention, completion, chunk_size=4096)
+    target = full_logprobs(model, ids, attention).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(out.sums, (target * completion[:, 1:]).sum(1), atol=1e-5, rtol=0)
+    assert max(sizes) == 3 and sum(sizes) == int(completion[:, 1:].sum())

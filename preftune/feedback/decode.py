@@ -1,0 +1,157 @@
+"""Batched decoding for the Hugging Face backend: what ``model.generate`` computes, with less work per token.
+
+- Each prompt is prefilled once, whatever the number of samples K: its KV cache is then repeated K times
+  (``generate(num_return_sequences=K)`` prefills K copies).
+- The KV cache is preallocated for the whole decode and written in place (``PreallocatedLayer``), where
+  transformers' dynamic cache concatenates, copying every layer's whole cache, at every token.
+- A row that has produced a stop token leaves the batch: the cache keeps only the unfinished rows, so the
+  last long completion no longer drags the finished ones through every layer (``generate`` keeps computing
+  them and pads).
+- The per-token loop is a plain tensor loop: no logits processors, stopping criteria or output objects.
+
+Greedy decoding gives ``generate``'s tokens (a row's tokens depend only on its own prompt under a causal
+mask; tests check it token for token). Sampling draws from a ``torch.Generator`` seeded per batch by the
+caller, so a batch's samples are a pure function of its prompts, the settings and the seed: resumable
+batch by batch. Temperature, top-k and top-p filter the logits as transformers' warpers do (temperature,
+then top-k, then top-p, keeping at least one token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer sized for the whole decode; ``batch_select_indices`` drops rows."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        rows, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self.keys = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1])
+        self.values = value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions is full; this is a bug in the decode loop")
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+
+@dataclass
+class DecodeSettings:
+    max_new_tokens: int
+    stop_ids: list[int]
+    pad_id: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def filter_logits(logits: Tensor, settings: DecodeSettings) -> Tensor:
+    """(R, V) fp32 logits -> logits with the tokens that cannot be drawn set to -inf (temperature, then
+    top-k, then top-p over the sorted probabilities, always keeping the most likely token)."""
+    logits = logits / settings.temperature
+    if settings.top_k and settings.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - settings.top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def _choose(logits: Tensor, settings: DecodeSettings, generator: torch.Generator | None) -> Tensor:
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float(), settings).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def decode(model: nn.Module, prompts: list[list[int]], settings: DecodeSettings, samples: int = 1,
+           generator: torch.Generator | None = None) -> list[list[int]]:
+    """``samples`` completions (token ids, ending at the first stop token, which is kept) of every prompt,
+    prompt-major: completion k of prompt i is item ``i * samples + k``."""
+    device = next(model.parameters()).device
+    ids, mask = _left_padded(prompts, settings.pad_id, device)
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    cache = Cache(layers=[PreallocatedLayer(ids.shape[1] + settings.max_new_tokens) for _ in range(layers)])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    if samples > 1:  # one prefill per prompt, then K copies of its cache
+        cache.batch_repeat_interleave(samples)
+        logits, mask = logits.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
+        positions = positions.repeat_interleave(samples, 0)
+    next_position = positions[:, -1:] + 1
+    rows = torch.arange(logits.shape[0], device=device)  # output row of each batch row
+    stops = torch.tensor(settings.stop_ids, device=device)
+    out: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    for step in range(settings.max_new_tokens):
+        tokens = _choose(logits, settings, generator)
+        for row, token in zip(rows.tolist(), tokens.tolist(), strict=True):
+            out[row].append(token)
+        if step == settings.max_new_tokens - 1:
+            break
+        going = ~torch.isin(tokens, stops)
+        if not going.all():
+            if not going.any():
+                break
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, tokens, mask, next_position = rows[keep], tokens[keep], mask[keep], next_position[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position, cache=cache,
+                       use_cache=True).logits[:, -1]
+        next_position = next_position + 1
+    return out
+
+
+def decode_supported(model: nn.Module) -> bool:
+    """Whether ``decode`` covers ``model``: a decoder-only transformers model on the attention interface whose
+    layers all attend fully or through a sliding window (the cache keeps every position; the mask applies
+    the window). Others (recurrent or linear-attention layers, encoder-decoders) sample with ``generate``."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(model, "_supports_attention_backend", False):
+        return False
+    text = config.get_text_config(decoder=True)
+    if getattr(config, "is_encoder_decoder", False) or text is not config:
+        return False
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"]
+    return set(layer_types) <= {"full_attention", "sliding_attention"}

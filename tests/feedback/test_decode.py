@@ -1,0 +1,123 @@
+"""preftune's decode loop against ``model.generate`` (greedy, token for token, rows finishing early included),
+its logit filters against transformers' warpers, and seeded sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from preftune.feedback.decode import DecodeSettings, decode, decode_supported, filter_logits
+from preftune.feedback.sampling import HFSampler, SamplingConfig
+from preftune.testing import tiny_llama
+
+PAD = 2
+
+
+def _prompts(seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 9, 3, 7)]
+
+
+def _generate(model, prompts, max_new_tokens, stop_ids) -> list[list[int]]:
+    """Plain ``generate``, greedy, each row cut after its first stop token (generate pads after it)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = (ids != PAD).long()
+    for row, p in enumerate(prompts):  # a prompt token equal to PAD must stay attended
+        mask[row, width - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=PAD, eos_token_id=stop_ids, temperature=None, top_p=None, top_k=None)
+    rows = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def _stop_mid_sequence(model, prompts) -> int:
+    """A token that greedy decoding emits in the middle of some row: as a stop token, that row (and maybe
+    others) finishes early and leaves the batch while the rest go on."""
+    free = _generate(model, prompts, 12, [1])
+    return free[1][4]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral-sliding-window"])
+def test_greedy_tokens_equal_generate_with_rows_finishing_early(architecture):
+    if architecture == "llama":
+        model = tiny_llama(seed=3)
+    else:
+        from transformers import MistralConfig, MistralForCausalLM
+
+        config = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=4, pad_token_id=PAD,
+                               bos_token_id=0, eos_token_id=1)
+        torch.manual_seed(3)
+        model = MistralForCausalLM(config).eval()
+    assert decode_supported(model)
+    prompts = _prompts()
+    stop = [1, _stop_mid_sequence(model, prompts)]
+    expected = _generate(model, prompts, 12, stop)
+    assert min(len(r) for r in expected) < 12 and max(len(r) for r in expected) == 12  # some rows end early
+    got = decode(model, prompts, DecodeSettings(12, stop, PAD))
+    assert got == expected
+
+
+def test_filter_logits_equals_transformers_warpers():
+    """Temperature 0.7, then top-k 20, then top-p 0.8, on random logits: the same tokens survive and the
+    surviving logits are equal."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 100) * 3
+    settings = DecodeSettings(1, [1], PAD, temperature=0.7, top_p=0.8, top_k=20)
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    expected = logits
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)):
+        expected = warper(ids, expected)
+    got = filter_logits(logits, settings)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    torch.testing.assert_close(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+    assert int((~torch.isinf(got)).sum(1).min()) >= 1 and int((~torch.isinf(got)).sum(1).max()) <= 20
+
+
+def test_sampling_is_a_function_of_the_seed():
+    model, prompts = tiny_llama(seed=3), _prompts()
+    settings = DecodeSettings(8, [1], PAD, temperature=1.0)
+    first = decode(model, prompts, settings, samples=3, generator=torch.Generator().manual_seed(5))
+    again = decode(model, prompts, settings, samples=3, generator=torch.Generator().manual_seed(5))
+    other = decode(model, prompts, settings, samples=3, generator=torch.Generator().manual_seed(6))
+    assert first == again and first != other
+    assert len(first) == 12 and all(1 <= len(row) <= 8 for row in first)
+    assert len({tuple(row) for row in first[:3]}) > 1  # the K samples of a prompt differ
+
+
+def test_sampler_greedy_repeats_one_completion_per_prompt(tiny_model_dir):
+    """Greedy with K = 3: transformers refuses several greedy sequences; the sampler decodes once and repeats."""
+    from preftune.feedback.generate import GenerateConfig
+    from preftune.feedback.sampling import load_for_sampling, load_tokenizer_for
+
+    model = load_for_sampling(str(tiny_model_dir), GenerateConfig().model)
+    tokenizer = load_tokenizer_for(str(tiny_model_dir))
+    sampler = HFSampler(model, tokenizer, SamplingConfig(num_samples=3, max_new_tokens=5, temperature=0.0))
+    prompts = [tokenizer("Review:")["input_ids"], tokenizer("A film")["input_ids"]]
+    texts = sampler.sample(prompts, [0, 1])
+    ids = _generate(model, prompts, 5, sampler.stop_ids)
+    expected = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    assert texts == [[expected[0]] * 3, [expected[1]] * 3]
+
+
+def test_sampler_seeds_each_batch_from_its_first_prompt_index(tiny_model_dir):
+    """The resume contract: a batch's samples depend on the seed and its first prompt index only."""
+    from preftune.feedback.generate import GenerateConfig
+    from preftune.feedback.sampling import batch_seed, load_for_sampling, load_tokenizer_for
+
+    model = load_for_sampling(str(tiny_model_dir), GenerateConfig().model)
+    tokenizer = load_tokenizer_for(str(tiny_model_dir))
+    sampling = SamplingConfig(num_samples=2, max_new_tokens=6, temperature=0.9, top_k=40, seed=7)
+    sampler = HFSampler(model, tokenizer, sampling)
+    prompts = [tokenizer("Review:")["input_ids"], tokenizer("A film that")["input_ids"]]
+    texts = sampler.sample(prompts, [4, 5])
+    settings = DecodeSettings(6, sampler.stop_ids, tokenizer.pad_token_id, 0.9, 1.0, 40)
+    ids = decode(model, prompts, settings, 2, torch.Generator().manual_seed(batch_seed(7, 4)))
+    expected = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    assert texts == [expected[:2], expected[2:]]
+    assert sampler.sample(prompts, [6, 7]) != texts  # another batch position, another seed

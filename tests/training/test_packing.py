@@ -1,0 +1,177 @@
+"""Packed (padding-free, prefix-shared) forwards against the plain padded forward, a second implementation:
+log-probs, per-token values, gradients and the hidden states a value head reads must agree to 1e-5 (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from preftune.testing import tiny_llama
+from preftune.training.logps import TokenReference, completion_logps
+from preftune.training.packing import backbone_hidden, pack_rows, supports_packing
+
+MODES = ("padding_free", "prefix_shared")
+
+
+def _batch(prompts: list[list[int]], rows: list[tuple[int, list[int]]], pad: int = 2):
+    """Right-padded (ids, attention, completion) of rows (prompt index, completion ids)."""
+    width = max(len(prompts[p]) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), width), pad)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    completion = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, (p, c) in enumerate(rows):
+        n = len(prompts[p]) + len(c)
+        ids[r, :n] = torch.tensor(prompts[p] + c)
+        attention[r, :n] = 1
+        completion[r, len(prompts[p]) : n] = True
+    return ids, attention, completion
+
+
+def _random_rows(layout: list[tuple[int, int]], prompt_lengths: list[int], seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in prompt_lengths]
+    rows = [(p, torch.randint(3, 500, (n,), generator=gen).tolist()) for p, n in layout]
+    return _batch(prompts, rows)
+
+
+# pairs of 3 examples, slot-major (chosen rows then rejected rows), prompts of 4, 6 and 5 tokens
+PAIRS = ([(0, 3), (1, 2), (2, 6), (0, 5), (1, 4), (2, 1)], [4, 6, 5])
+# a ranked list of 3 completions, a single completion, and a row whose completion is empty
+MIXED = ([(0, 2), (0, 7), (1, 3), (0, 4), (2, 0)], [5, 3, 6])
+
+
+def test_pack_rows_layout_by_hand():
+    """Rows: A = [5 6 | 7 8], B = [5 6 | 9], C = [4 | 3 3] (| = end of the shareable prompt).
+    A and B share [5 6]: packed [5 6 7 8 9] with positions [0 1 2 3 2]; C alone: [4 3 3], positions [0 1 2].
+    Attention blocks: [5 6 7 8] causal; 9 (position 2) against keys [5 6 | 9] (positions 0 1 2), all visible;
+    [4 3 3] causal. With a sliding window of 2, 9 sees only 6 and itself."""
+    ids, attention, completion = _batch([[5, 6], [4]], [(0, [7, 8]), (0, [9]), (1, [3, 3])])
+    packed = pack_rows(ids, attention, torch.tensor([2, 2, 1]))
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 4, 3, 3]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1, 2]]
+    assert packed.where.tolist() == [[0, 1, 2, 3], [0, 1, 4, -1], [5, 6, 7, -1]]
+    assert packed.shared_rows == 1
+    first, second, third = packed.blocks
+    assert (first.query, first.keys, first.causal, first.mask(None)) == ((0, 4), [(0, 4)], True, None)
+    assert (second.query, second.keys, second.causal) == ((4, 5), [(0, 2), (4, 5)], False)
+    assert second.mask(None)[0, 0].tolist() == [[True, True, True]]
+    assert second.mask(2)[0, 0].tolist() == [[False, True, True]]
+    assert (third.query, third.causal) == ((5, 8), True)
+    window = first.mask(2)[0, 0]  # position p sees p-1 and p
+    assert window.long().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+
+
+def test_left_padding_is_not_packed():
+    ids = torch.tensor([[2, 5, 6], [4, 5, 6]])
+    attention = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert pack_rows(ids, attention) is None
+
+
+@pytest.mark.parametrize("shape", [PAIRS, MIXED], ids=["pairs", "lists-and-empty"])
+@pytest.mark.parametrize("mode", MODES)
+def test_logps_token_values_and_gradients_match_the_padded_forward(shape, mode):
+    ids, attention, completion = _random_rows(*shape)
+    policy, reference = tiny_llama(seed=0), tiny_llama(seed=1)
+    results = {}
+    for run in ("padded", mode):
+        policy.zero_grad()
+        out = completion_logps(policy, ids, attention, completion, 7, sum_sq=True, prompt_hidden=True,
+                               reference=TokenReference(reference, packing=run), packing=run)
+        weights = torch.arange(1, ids.shape[0] + 1, dtype=torch.float32)  # distinct weight per row
+        ((out.sums * weights).sum() + out.token_kl.sum() + out.token_log_sum_sq.sum()).backward()
+        results[run] = out, {n: p.grad.clone() for n, p in policy.named_parameters()}
+    (plain, plain_grads), (packed, packed_grads) = results["padded"], results[mode]
+    torch.testing.assert_close(packed.counts, plain.counts)
+    assert torch.equal(packed.rows, plain.rows) and torch.equal(packed.cols, plain.cols)
+    for field in ("sums", "token_logps", "token_kl", "token_log_sum_sq", "reference_token_logps",
+                  "reference_sums", "prompt_hidden"):
+        torch.testing.assert_close(getattr(packed, field), getattr(plain, field), atol=1e-5, rtol=0, msg=field)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_prefix_sharing_computes_each_prompt_once():
+    """PAIRS hold 6 rows of 4+3, 6+2, 5+6, 4+5, 6+4, 5+1 = 51 tokens; shared, the three prompts (15 tokens)
+    count once: 36 tokens go through the model. Padding-free: 51. Padded: 6 rows x 11 = 66."""
+    ids, attention, completion = _random_rows(*PAIRS)
+    model = tiny_llama()
+    seen = []
+    model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    for mode in ("prefix_shared", "padding_free", "padded"):
+        completion_logps(model, ids, attention, completion, packing=mode)
+    assert seen == [36, 51, 66]
+
+
+def test_models_without_sdpa_run_padded():
+    """Eager attention may carry what sdpa cannot (soft-capping): such a model keeps the padded forward."""
+    model = tiny_llama()
+    model.config._attn_implementation = "eager"
+    assert not supports_packing(model.model)
+    ids, attention, completion = _random_rows(*PAIRS)
+    hidden, where = backbone_hidden(model.model, ids, attention, "prefix_shared", torch.tensor([4, 6, 5] * 2))
+    assert hidden.shape[0] == ids.numel() and where[0, 0] == 0 and where[1, 0] == ids.shape[1]
+
+
+def test_sliding_window_models_pack_exactly():
+    """A Mistral with a 3-token sliding window: the packed mask must apply the window as the padded one does."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=3, pad_token_id=2)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    assert supports_packing(model.model)
+    ids, attention, completion = _random_rows(*PAIRS)
+    plain = completion_logps(model, ids, attention, completion, packing="padded")
+    shared = completion_logps(model, ids, attention, completion, packing="prefix_shared")
+    torch.testing.assert_close(shared.token_logps, plain.token_logps, atol=1e-5, rtol=0)
+
+
+def _train_rows(raw: dict, output_dir, packing: str) -> list[dict]:
+    import copy
+
+    from preftune.config import config_from_dict
+    from preftune.training import train
+
+    raw = copy.deepcopy(raw)
+    raw["training"].update(output_dir=str(output_dir), packing=packing)
+    return [row for row in train(config_from_dict(raw)).history if "loss" in row or "eval/loss" in row]
+
+
+@pytest.mark.parametrize("objective,lora", [({"name": "tdpo", "beta": 0.1}, False), ({"name": "dpo", "beta": 0.1}, True)],
+                         ids=["tdpo-live-reference", "dpo-lora"])
+def test_training_is_the_same_run_packed_or_padded(base_config, other_model_dir, tmp_path, objective, lora):
+    """Whole runs (train steps + held-out evaluation) in each mode: losses and metrics equal to 1e-5 (summed
+    log-probs near -230 to 1e-6 relative, fp32 rounding of sums in another order). TDPO
+    reads the reference token by token (another model here, so the KL terms are not zero); DPO with LoRA uses
+    the policy with adapters off as its reference."""
+    raw = {**base_config, "objective": objective}
+    if lora:
+        raw["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+        raw["training"] = {**raw["training"], "learning_rate": 1e-2}
+    else:
+        raw["reference"] = {**raw["reference"], "name_or_path": str(other_model_dir)}
+    padded = _train_rows(raw, tmp_path / "padded", "padded")
+    shared = _train_rows(raw, tmp_path / "shared", "prefix_shared")
+    assert abs(padded[-1]["eval/rewards/margins"]) > 1e-3  # the runs moved the policy away from the reference
+    for plain, packed in zip(padded, shared, strict=True):
+        assert packed.keys() == plain.keys()
+        for key, value in plain.items():
+            if "tokens_per_second" not in key and key != "grad_norm":
+                assert packed[key] == pytest.approx(value, rel=1e-6, abs=1e-5), key
+            elif key == "grad_norm":
+                assert packed[key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_a_row_that_is_all_prompt_shares_it_and_scores_nothing():
+    """Rows [5 6 | 7] and [5 6 |] (an empty completion, as a cut KTO row can be): the second row is all
+    prefix, so it adds no token and no attention block; its last position reads the shared prefix."""
+    ids, attention, completion = _batch([[5, 6, 8]], [(0, [7]), (0, [])])
+    packed = pack_rows(ids, attention, torch.tensor([3, 3]))
+    assert packed.input_ids.tolist() == [[5, 6, 8, 7]] and len(packed.blocks) == 1
+    assert packed.where.tolist() == [[0, 1, 2, 3], [0, 1, 2, -1]]
+    model = tiny_llama()
+    plain = completion_logps(model, ids, attention, completion, packing="padded", prompt_hidden=True)
+    shared = completion_logps(model, ids, attention, completion, packing="prefix_shared", prompt_hidden=True)
+    torch.testing.assert_close(shared.sums, plain.sums, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.prompt_hidden, plain.prompt_hidden, atol=1e-5, rtol=0)
