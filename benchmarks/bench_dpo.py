@@ -72,7 +72,8 @@ def run_preftune(args, workdir: Path, workload: Workload) -> dict:
         "training": {"output_dir": str(workdir / "preftune-run"), "batch_size": args.batch_size, "max_steps": total,
                      "learning_rate": LEARNING_RATE, "logging_steps": total, "save_steps": None,
                      "eval_before_training": False, "progress_bar": False, "tensorboard": False,
-                     "precision": args.precision, "seed": 0, "packing": args.packing},
+                     "precision": args.precision, "seed": 0, "packing": args.packing,
+                     "resume": "never"},  # each repeat trains from the start in the same folder
     }
     if workload.lora:
         raw["lora"] = {"enabled": True, "r": 16, "alpha": 32, "target_modules": LORA_TARGETS}
