@@ -176,3 +176,26 @@ def test_gradient_checkpointing_through_the_quantized_base_changes_nothing(runs)
                     strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+
+
+def test_bf16_storage_leaves_quantized_layers_alone(tiny_model_dir):
+    """Under bf16, frozen linear weights are stored in bf16; bitsandbytes' Linear4bit subclasses nn.Linear
+    but holds packed NF4 bytes, which must stay as they are (same dtype, same bytes). What moves is exactly
+    the frozen fp32 linears left unquantized: the LM head (if not tied to the embeddings)."""
+    from bitsandbytes.nn import Linear4bit
+
+    from preftune.training.precision import store_frozen_linears_in_bf16
+
+    model = independent_nf4(tiny_model_dir)
+    model.requires_grad_(False)
+    quantized = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert quantized
+    head = model.get_output_embeddings()
+    tied = head.weight is model.get_input_embeddings().weight
+    expected = 0 if tied else head.weight.numel() + (head.bias.numel() if head.bias is not None else 0)
+    assert store_frozen_linears_in_bf16(model) == expected
+    for name, module in model.named_modules():
+        if name in quantized:
+            assert module.weight.dtype == quantized[name].dtype == torch.uint8
+            assert torch.equal(module.weight, quantized[name])
+    assert head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
