@@ -94,3 +94,54 @@ def test_layers():
             assert not [t for t in targets if t.startswith(above)], (name, targets)
         if not name.startswith(("preftune.experiments", "preftune.cli", "preftune.testing")):
             assert not [t for t in targets if t.startswith("preftune.experiments")], (name, targets)
+
+
+# Run in a fresh interpreter: `preftune train` for one step, then the preftune modules loaded when AdamW steps.
+_TRAINING_PATH = """
+import json, sys, torch
+step = torch.optim.AdamW.step
+def first_step(self, *args, **kwargs):
+    print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "preftune")))
+    sys.stdout.flush()
+    torch.optim.AdamW.step = step
+    return step(self, *args, **kwargs)
+torch.optim.AdamW.step = first_step
+from preftune.cli import main
+main(["train", sys.argv[1]])
+"""
+
+
+def unit(module: str) -> str:
+    """The entry of ``preftune/`` a module belongs to: ``preftune.training.loop`` -> ``training``; the package
+    itself -> ``preftune``."""
+    return module.split(".")[1] if "." in module else module
+
+
+def test_units_group_modules_by_their_entry_in_the_package():
+    assert unit("preftune.training.loop") == "training" and unit("preftune.cli") == "cli"
+    assert unit("preftune") == "preftune" and unit("preftune.objectives.dpo") == "objectives"
+
+
+def test_the_training_path_passes_through_few_units(tiny_model_dir, pairs_file, tmp_path):
+    """Issue 8's measure: the entries of ``preftune/`` (a module, or a folder counted once, as ``data/`` and
+    ``objectives/`` always were) loaded between ``preftune train`` and the first optimizer step. The flat
+    package before the regroup loaded 17: preftune, checkpoint, cli, config, data, export, inputs, logps,
+    metrics, modeling, objectives, pipeline, reference, schedule, step, sync, trainer. Now the training
+    pieces are one folder and the experiments, evaluation, reward and on-policy code stay out of the path."""
+    import json
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\n"
+                      f"data: {{train_file: {pairs_file}, max_length: 32, max_prompt_length: 16}}\n"
+                      f"training: {{output_dir: {tmp_path / 'run'}, max_steps: 1, batch_size: 2, progress_bar: false}}\n",
+                      encoding="utf-8")
+    done = subprocess.run([sys.executable, "-c", _TRAINING_PATH, str(recipe)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[0])
+    units = sorted({unit(m) for m in loaded})
+    assert units == ["atomic", "cli", "config", "data", "feedback", "modeling", "objectives", "preftune",
+                     "training", "user_code"], units
+    assert len(units) < 17
