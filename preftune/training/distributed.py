@@ -13,6 +13,7 @@ keeps its own rows' losses, so the summed gradient is that of one process on the
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -176,10 +177,20 @@ def collate_shard(examples: list, shard: list[int], collator, device: torch.devi
 
 
 def sharding_engine(accelerator) -> str | None:
-    """"fsdp" or "deepspeed" when the launch configured one (weights split across processes), else None."""
+    """"fsdp" or "deepspeed" when the launch asked for one (weights split across processes), else None.
+
+    Asked for, not only granted: ``accelerate launch`` with an FSDP set-up exports ``ACCELERATE_USE_FSDP=true``,
+    but accelerate 1.15 turns FSDP on for GPU-class devices only; on a CPU the same launch comes up as plain
+    processes each holding the whole model, which is not what the set-up file promised."""
     from accelerate.utils import DistributedType
 
-    return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
+    granted = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
+    if granted is not None:
+        return granted
+    for engine in ("fsdp", "deepspeed"):
+        if os.environ.get(f"ACCELERATE_USE_{engine.upper()}", "false").lower() == "true":
+            return engine
+    return None
 
 
 def refuse_sharding_engines(accelerator) -> None:

@@ -209,3 +209,20 @@ def test_sharding_engines_are_refused_before_anything_is_prepared(engine):
     with pytest.raises(ValueError, match=f"{engine.lower()} set-up.*configs/accelerate/ddp.yaml"):
         refuse_sharding_engines(Launched())
     refuse_sharding_engines(type("Plain", (), {"distributed_type": DistributedType.MULTI_CPU})())
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_a_sharding_set_up_that_accelerate_turned_into_plain_processes_is_refused_too(engine, monkeypatch):
+    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` on a CPU exports ACCELERATE_USE_FSDP=true
+    and accelerate 1.15 then comes up as MULTI_CPU (FSDP is for GPU-class devices): each process would hold the
+    whole model although the set-up promised shards. Named like a granted engine."""
+    from accelerate.utils import DistributedType
+
+    from preftune.training.distributed import refuse_sharding_engines
+
+    plain = type("Plain", (), {"distributed_type": DistributedType.MULTI_CPU})()
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "false")
+    refuse_sharding_engines(plain)
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+    with pytest.raises(ValueError, match=f"{engine.lower()} set-up"):
+        refuse_sharding_engines(plain)
