@@ -89,7 +89,11 @@ def profile_step(pairs: int = 2) -> None:
     from preftune import modeling
     from preftune.config import LoraConfig, ModelConfig
     from preftune.training.logps import completion_logps
-    from preftune.training.precision import EmulatedBf16Matmuls, store_frozen_linears_in_bf16
+    from preftune.training.precision import (
+        EmulatedBf16Matmuls,
+        restore_frozen_linears,
+        store_frozen_linears_in_bf16,
+    )
 
     torch.manual_seed(0)
     ids = torch.randint(100, 40000, (2 * pairs, 100))
@@ -102,6 +106,8 @@ def profile_step(pairs: int = 2) -> None:
     for name, bf16, emulate in (("native bf16 kernels", True, False), ("emulated bf16 kernels", True, True),
                                 ("fp32", False, False)):
         mode = EmulatedBf16Matmuls() if emulate else None
+        if not bf16:  # fp32 throughout: the frozen weights back in fp32 (no autocast to meet bf16 ones)
+            restore_frozen_linears(model, torch.float32)
         with profile() as prof:
             began = time.perf_counter()
             if mode:

@@ -9,6 +9,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,4 +68,5 @@ def system_info(threads: int) -> dict:
             "cpus": os.cpu_count(), "threads_per_system": threads, "cpu_flags": cpu_flags(),
             "native_bf16_matmul": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE (workers)"),
-            "load_average_at_start": os.getloadavg(), "versions": versions()}
+            "load_average_at_start": os.getloadavg(), "versions": versions(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -1,13 +1,14 @@
 """``make bench``: every benchmark, side by side, in one invocation; JSON + the README table.
 
-    python benchmarks/run_all.py [--threads 2] [--repeats 2] [--only tiny-8k,sampling] [--skip-trl-bf16-smollm2]
+    python benchmarks/run_all.py [--threads 2] [--repeats 2] [--only tiny-8k,sampling [--merge]]
 
 Training (``bench_dpo.py``): tiny Llama with an 8k and a 32k vocabulary and with ~500-token prompts, in
 fp32 and bf16; SmolLM2-135M-Instruct with LoRA r16 on all projections in bf16. Sampling
 (``bench_sampling.py``): ``preftune generate`` against ``model.generate`` on SmolLM2-135M. The bf16
 fraction of peak (``bench_peak.py``): FLOPs of a SmolLM2 LoRA step over its time, against the measured
 matmul peak. Results go to ``benchmarks/results/speed.json``; the table is printed and written between the
-markers in ``benchmarks/README.md``. Timings on shared cores are noisy: repeats alternate the order of the
+markers in ``benchmarks/README.md``. ``--merge`` keeps the earlier results of what a subset did not run
+(rows are replaced by workload and precision) and lists each partial run under ``partial_runs``. Timings on shared cores are noisy: repeats alternate the order of the
 two systems, ratios come from medians, and the load average is recorded before and after.
 """
 
@@ -69,6 +70,10 @@ def table(report: dict) -> str:
     lines += ["", f"{machine['cpus']} CPUs ({', '.join(machine['cpu_flags'])}), {machine['threads_per_system']} threads "
               f"per system, load average {machine['load_average_at_start'][0]:.1f} at start and "
               f"{machine['load_average_at_end'][0]:.1f} at the end; {report['minutes']:.0f} min."]
+    for part in report.get("partial_runs", []):
+        lines += [f"Rerun since ({part['machine'].get('date', 'date not recorded')}, {part['minutes']:.0f} min): "
+                  f"{', '.join(part['only'])}, load average {part['machine']['load_average_at_start'][0]:.1f} at start "
+                  f"and {part['machine']['load_average_at_end'][0]:.1f} at the end."]
     return "\n".join(lines)
 
 
@@ -95,12 +100,28 @@ def _write_readme(text: str) -> None:
         README.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1], encoding="utf-8")
 
 
+def merged(earlier: dict, new: dict, ran: list[str]) -> dict:
+    """``earlier`` with what ``new`` measured put in its place: training rows by (workload, precision), the
+    sampling and peak sections whole; the partial run is recorded with its machine state and duration."""
+    out = dict(earlier)
+    key = lambda r: (r["workload"]["name"], r["precision"])  # noqa: E731
+    fresh = {key(r): r for r in new["training"]}
+    out["training"] = [fresh.pop(key(r), r) for r in earlier.get("training", [])] + list(fresh.values())
+    for section in ("sampling", "peak"):
+        if section in new:
+            out[section] = new[section]
+    out["partial_runs"] = [*earlier.get("partial_runs", []),
+                           {"only": ran, "machine": new["machine"], "minutes": new["minutes"]}]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="runs per system and workload (order alternates)")
     parser.add_argument("--only", default="", help="comma-separated: workload names, 'sampling', 'peak'")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true", help="with --only: replace those results in --output, keep the rest")
     args = parser.parse_args(argv)
     import bench_dpo
     import bench_peak
@@ -122,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         report["peak"] = bench_peak.fraction_of_peak(smollm2, args.threads)
     report["machine"]["load_average_at_end"] = os.getloadavg()
     report["minutes"] = (time.time() - began) / 60
+    if args.merge and args.output.exists():
+        report = merged(json.loads(args.output.read_text(encoding="utf-8")), report, sorted(only))
     report["targets_met"] = targets(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -8,6 +8,10 @@
   last long completion no longer drags the finished ones through every layer (``generate`` keeps computing
   them and pads).
 - The per-token loop is a plain tensor loop: no logits processors, stopping criteria or output objects.
+- On a CPU a wide LM head (a vocabulary of tens of thousands) is multiplied in slices of ``HEAD_CHUNK``
+  output rows (``chunked_head``): the same dot products, each slice's weights staying in cache. With 32 rows
+  decoding SmolLM2's 49,152 x 576 head this measured 1.4-1.6x faster than one product (the head is a fifth
+  of a decode step's matmul work there).
 
 Greedy decoding gives ``generate``'s tokens (a row's tokens depend only on its own prompt under a causal
 mask; tests check it token for token). Sampling draws from a ``torch.Generator`` seeded per batch by the
@@ -18,9 +22,12 @@ then top-k, then top-p, keeping at least one token).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -103,11 +110,44 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor,
     return ids, mask
 
 
+HEAD_CHUNK = 2048  # output rows of the LM head per product on a CPU (1024-4096 measured alike)
+
+
+@contextlib.contextmanager
+def chunked_head(model: nn.Module) -> Iterator[bool]:
+    """While inside, ``model``'s LM head (a plain ``nn.Linear`` on a CPU with at least two slices of
+    ``HEAD_CHUNK`` outputs) computes its logits slice by slice; yields whether it does. Whatever the model
+    does after its head (scaling, soft-capping) is untouched: only the head's own forward changes."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (type(head) is not nn.Linear or head.weight.device.type != "cpu" or head.out_features < 2 * HEAD_CHUNK
+            or "forward" in vars(head)):  # a forward set on the instance (accelerate's hooks) is left alone
+        yield False
+        return
+    weight, bias = head.weight, head.bias
+
+    def forward(hidden: Tensor) -> Tensor:
+        return torch.cat([F.linear(hidden, weight[start : start + HEAD_CHUNK],
+                                   None if bias is None else bias[start : start + HEAD_CHUNK])
+                          for start in range(0, weight.shape[0], HEAD_CHUNK)], dim=-1)
+
+    head.forward = forward
+    try:
+        yield True
+    finally:
+        del head.forward
+
+
 @torch.no_grad()
 def decode(model: nn.Module, prompts: list[list[int]], settings: DecodeSettings, samples: int = 1,
            generator: torch.Generator | None = None) -> list[list[int]]:
     """``samples`` completions (token ids, ending at the first stop token, which is kept) of every prompt,
     prompt-major: completion k of prompt i is item ``i * samples + k``."""
+    with chunked_head(model):
+        return _decode(model, prompts, settings, samples, generator)
+
+
+def _decode(model: nn.Module, prompts: list[list[int]], settings: DecodeSettings, samples: int,
+            generator: torch.Generator | None) -> list[list[int]]:
     device = next(model.parameters()).device
     ids, mask = _left_padded(prompts, settings.pad_id, device)
     layers = model.config.get_text_config(decoder=True).num_hidden_layers

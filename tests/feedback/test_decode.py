@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from preftune.feedback.decode import DecodeSettings, decode, decode_supported, filter_logits
+from preftune.feedback import decode as decode_module
+from preftune.feedback.decode import DecodeSettings, chunked_head, decode, decode_supported, filter_logits
 from preftune.feedback.sampling import HFSampler, SamplingConfig
 from preftune.testing import tiny_llama
 
@@ -61,6 +62,48 @@ def test_greedy_tokens_equal_generate_with_rows_finishing_early(architecture):
     assert min(len(r) for r in expected) < 12 and max(len(r) for r in expected) == 12  # some rows end early
     got = decode(model, prompts, DecodeSettings(12, stop, PAD))
     assert got == expected
+
+
+def test_the_head_in_slices_gives_generates_greedy_tokens_and_logits(monkeypatch):
+    """With slices of 96 outputs (the tiny vocabulary of 512 gives 5 full slices and one of 32), the head's
+    logits equal one product's (the same dot products; 1e-6 allows another summation order) and greedy
+    decoding gives ``generate``'s tokens; the head's own forward is back afterwards."""
+    monkeypatch.setattr(decode_module, "HEAD_CHUNK", 96)
+    model = tiny_llama(seed=3)
+    head = model.get_output_embeddings()
+    hidden = torch.randn(7, head.in_features)
+    plain = head(hidden)
+    with chunked_head(model) as active:
+        assert active and "forward" in vars(head)
+        sliced = head(hidden)
+    assert "forward" not in vars(head)
+    torch.testing.assert_close(sliced, plain, atol=1e-6, rtol=0)
+    prompts = _prompts(1)
+    stop = [1, _stop_mid_sequence(model, prompts)]
+    calls = []
+    original = decode_module.chunked_head
+
+    def counted(m):
+        calls.append(m)
+        return original(m)
+
+    monkeypatch.setattr(decode_module, "chunked_head", counted)
+    assert decode(model, prompts, DecodeSettings(12, stop, PAD)) == _generate(model, prompts, 12, stop)
+    assert calls == [model]
+
+
+def test_the_head_stays_whole_where_slicing_does_not_apply(monkeypatch):
+    """A head narrower than two slices, or one whose forward something else set on the instance, is left as
+    it is."""
+    model = tiny_llama(seed=3)
+    with chunked_head(model) as active:  # 512 outputs < 2 x 2048
+        assert not active
+    monkeypatch.setattr(decode_module, "HEAD_CHUNK", 96)
+    head = model.get_output_embeddings()
+    hooked = head.forward
+    head.forward = hooked
+    with chunked_head(model) as active:
+        assert not active and head.forward is hooked
 
 
 def test_filter_logits_equals_transformers_warpers():

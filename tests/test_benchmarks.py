@@ -1,0 +1,40 @@
+"""``benchmarks/run_all.py --only ... --merge``: a subset's results replace the same rows of the earlier run and
+leave the rest, and the table says what was rerun when."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import run_all  # noqa: E402
+
+
+def _row(name: str, precision: str, seconds: float) -> dict:
+    return {"workload": {"name": name}, "precision": precision, "speedup": 2.0, "memory_ratio": 0.5,
+            "preftune": {"seconds_per_step": seconds, "peak_rss_mb": 1000.0},
+            "trl": {"seconds_per_step": 2 * seconds, "peak_rss_mb": 2000.0}}
+
+
+def _machine(load: float) -> dict:
+    return {"cpus": 2, "cpu_flags": ["avx2"], "threads_per_system": 2, "load_average_at_start": [load, 0, 0],
+            "load_average_at_end": [load, 0, 0], "date": "2026-12-02 09:00 UTC"}
+
+
+def test_a_merged_subset_replaces_its_rows_and_keeps_the_others():
+    earlier = {"machine": _machine(0.1), "minutes": 90, "training": [_row("tiny-8k", "fp32", 2.0),
+                                                                      _row("smollm2-lora", "bf16", 14.0)],
+               "sampling": {"settings": "old"}, "peak": {"old": True}}
+    new = {"machine": _machine(1.5), "minutes": 20, "training": [_row("smollm2-lora", "bf16", 12.0)],
+           "peak": {"new": True}}
+    out = run_all.merged(earlier, new, ["peak", "smollm2-lora"])
+    assert [(r["workload"]["name"], r["preftune"]["seconds_per_step"]) for r in out["training"]] == [
+        ("tiny-8k", 2.0), ("smollm2-lora", 12.0)]
+    assert out["sampling"] == {"settings": "old"} and out["peak"] == {"new": True}
+    out.pop("sampling"), out.pop("peak")  # the table's own lines for these are the full run's format
+    assert out["machine"]["load_average_at_start"][0] == 0.1  # the full run's machine line stays
+    assert out["partial_runs"] == [{"only": ["peak", "smollm2-lora"], "machine": new["machine"], "minutes": 20}]
+    text = run_all.table(out)
+    assert "| smollm2-lora | bf16 | 12.00 | 24.00 |" in text
+    assert "Rerun since (2026-12-02 09:00 UTC, 20 min): peak, smollm2-lora, load average 1.5" in text
