@@ -8,8 +8,9 @@ fp32 and bf16; SmolLM2-135M-Instruct with LoRA r16 on all projections in bf16. S
 fraction of peak (``bench_peak.py``): FLOPs of a SmolLM2 LoRA step over its time, against the measured
 matmul peak. Results go to ``benchmarks/results/speed.json``; the table is printed and written between the
 markers in ``benchmarks/README.md``. ``--merge`` keeps the earlier results of what a subset did not run
-(rows are replaced by workload and precision) and lists each partial run under ``partial_runs``. Timings on shared cores are noisy: repeats alternate the order of the
-two systems, ratios come from medians, and the load average is recorded before and after.
+(rows are replaced by workload and precision) and lists each partial run under ``partial_runs``. Timings
+on shared cores are noisy: repeats alternate the order of the two systems, ratios come from medians, and
+the load average is recorded before and after.
 """
 
 from __future__ import annotations
