@@ -57,6 +57,8 @@ def spo_plan(beta: float) -> ObjectivePlan:
 class OnlineTask(PreferenceTask):
     """``PreferenceTask`` whose micro-batches are prompts: ``loss`` samples, judges and scores them."""
 
+    supports_fsdp = False  # each process samples its own prompts: a sharded model's forwards would not line up
+
     def __init__(self, config, objective, tokenizer, policy, online: OnlineSection, prompts: list, judge: Judge,
                  use_template: bool):
         shape = "pairs" if online.method == "online_dpo" else "ranked"

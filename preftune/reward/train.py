@@ -278,7 +278,7 @@ class RewardTask:
         return {"settings": settings(dataclasses.asdict(self.config)), "data": data,
                 "model": model_identity(resolve_backbone(self.config.model.name_or_path))}
 
-    def export(self, module: RewardModel, history: list[dict]) -> Path:
+    def export(self, module: RewardModel, history: list[dict], whole=None) -> Path:  # never sharded
         """``final/``, written under a temporary name and renamed into place; LoRA adapters merged."""
         run_dir = Path(self.config.training.output_dir)
         final, tmp = run_dir / "final", run_dir / f".tmp-final-{os.getpid()}"

@@ -10,6 +10,11 @@ process writes its own RNG streams (``rng`` for process 0, ``rng-rank<r>`` for t
 temporary folder, and the main one renames the folder only after every process has finished (a barrier):
 a crash of any process before that leaves a ``.tmp-`` folder that resume ignores and the next save removes.
 
+Under FSDP2 the weights and the optimizer's moments are shards: every process takes part in gathering them
+into whole tensors and the main process writes those, so the files are the same as one process's (a run
+resumes on another number of processes, sharded or not); on resume each process cuts its own shard out of
+the whole tensors it read.
+
 Nothing in a checkpoint is a pickle: a checkpoint folder may come from elsewhere (``training.resume: PATH``,
 a run folder copied from someone), and unpickling runs code. Optimizer, scheduler and RNG states are JSON
 plus safetensors (``state_files`` says why not ``torch.load(weights_only=True)``). Checkpoints of earlier
@@ -32,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .distributed import ONE_PROCESS, Ranks
+from .distributed import ONE_PROCESS, Ranks, full_tensor, is_sharded, resharded, shard_like
 from .state_files import StateFileError, load_state, save_state
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -47,8 +52,29 @@ class CheckpointError(ValueError):
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters the optimizer updates (all of them for full fine-tuning, the adapters with LoRA)."""
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    """The parameters the optimizer updates (all of them for full fine-tuning, the adapters with LoRA), whole
+    (gathered from every process under FSDP2: a collective)."""
+    return {name: full_tensor(p.detach()).contiguous().cpu() for name, p in resharded(model).named_parameters()
+            if p.requires_grad}
+
+
+def optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with sharded moments gathered whole (a collective under FSDP2)."""
+    state = optimizer.state_dict()
+    gathered = {i: {k: full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                for i, entry in sorted(state["state"].items())}
+    return {**state, "state": gathered}
+
+
+def shard_optimizer_state(state: dict, optimizer) -> dict:
+    """The inverse of ``optimizer_state`` for this process: each moment cut as its parameter is sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = {}
+    for i, entry in state["state"].items():
+        param = params[int(i)] if int(i) < len(params) else None
+        out[i] = {k: shard_like(v, param) if param is not None and isinstance(v, torch.Tensor)
+                  and v.shape == param.shape else v for k, v in entry.items()}
+    return {**state, "state": out}
 
 
 def rng_state() -> dict:
@@ -99,11 +125,14 @@ def save_checkpoint(
         tmp.mkdir()
     ranks.barrier()  # the folder exists for everyone
     _fsync(save_state(rng_state(), tmp, rng_file(ranks.rank)))
+    if ranks.main or is_sharded(model):  # sharded: every process takes part in gathering
+        weights, moments = trainable_state(model), optimizer_state(optimizer)
+        extra = {k: full_tensor(v.detach()).cpu().contiguous() for k, v in (tensors or {}).items()}
     if ranks.main:
-        save_file(trainable_state(model), str(tmp / WEIGHTS))
-        save_state(optimizer.state_dict(), tmp, OPTIMIZER)
+        save_file(weights, str(tmp / WEIGHTS))
+        save_state(moments, tmp, OPTIMIZER)
         save_state(scheduler.state_dict(), tmp, SCHEDULER)
-        save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}, str(tmp / STATE_TENSORS))
+        save_file(extra, str(tmp / STATE_TENSORS))
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
         _fsync([f for f in tmp.iterdir() if not f.name.startswith(f"{RNG}-rank")])
     ranks.barrier()  # every process's files are on disk before the folder is published
@@ -191,7 +220,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: in
     weights = _tensors(path, WEIGHTS)
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     state["tensors"] = _tensors(path, STATE_TENSORS) if (path / STATE_TENSORS).is_file() else {}
-    params = dict(model.named_parameters())
+    params = dict(resharded(model).named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
@@ -201,8 +230,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: in
         )
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].dtype))
-    _apply("optimizer", path, optimizer.load_state_dict, states[OPTIMIZER])
+            params[name].copy_(shard_like(tensor.to(params[name].dtype), params[name]))
+    _apply("optimizer", path, lambda s: optimizer.load_state_dict(shard_optimizer_state(s, optimizer)),
+           states[OPTIMIZER])
     _apply("scheduler", path, _scheduler_loader(scheduler), states[SCHEDULER])
     _apply("RNG", path, set_rng_state, states[RNG])
     return state

@@ -179,9 +179,9 @@ def collate_shard(examples: list, shard: list[int], collator, device: torch.devi
 def sharding_engine(accelerator) -> str | None:
     """"fsdp" or "deepspeed" when the launch asked for one (weights split across processes), else None.
 
-    Asked for, not only granted: ``accelerate launch`` with an FSDP set-up exports ``ACCELERATE_USE_FSDP=true``,
-    but accelerate 1.15 turns FSDP on for GPU-class devices only; on a CPU the same launch comes up as plain
-    processes each holding the whole model, which is not what the set-up file promised."""
+    Asked for, not only granted: ``accelerate launch`` with an FSDP set-up exports ``ACCELERATE_USE_FSDP=true``;
+    on a CPU accelerate 1.15 grants FSDP to GPU-class devices only, and ``modeling.make_accelerator`` turns it
+    on itself (FSDP2 over gloo). A launch that still came up unsharded is not what its set-up file promised."""
     from accelerate.utils import DistributedType
 
     granted = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
@@ -193,13 +193,96 @@ def sharding_engine(accelerator) -> str | None:
     return None
 
 
-def refuse_sharding_engines(accelerator) -> None:
-    """preftune trains under DDP (one whole model per process). Under FSDP or DeepSpeed the weights and the
-    optimizer state are shards: checkpoints, ``final/``, the reference model and TR-DPO would each need the
-    engine's gather/scatter, and DeepSpeed also takes over gradient accumulation and clipping. Until those are
-    written and tested on GPUs, such a launch stops here rather than failing hours later at its first save."""
+def refuse_unsupported_engines(accelerator, fsdp_ok: bool) -> None:
+    """DDP always; FSDP2 where the task's checkpoint, reference and export paths gather shards (``fsdp_ok``);
+    never DeepSpeed, which also takes over gradient accumulation and clipping (not written yet). Stops before
+    anything is prepared rather than failing hours later at the first save."""
     engine = sharding_engine(accelerator)
-    if engine is not None:
-        raise ValueError(f"launched with accelerate's {engine} set-up, which preftune does not train under yet "
-                         "(checkpoints, final/ and the reference would hold shards); launch with "
-                         "configs/accelerate/ddp.yaml, with LoRA if the model is too large for one device")
+    if engine is None:
+        return
+    if engine == "fsdp" and fsdp_ok:
+        if not is_fsdp2(accelerator):
+            raise ValueError("launched with accelerate's fsdp set-up, but it did not come up as FSDP2 (fsdp_version: "
+                             "2 in the accelerate config, as configs/accelerate/fsdp.yaml has it); preftune trains "
+                             "under FSDP2 only")
+        return
+    what = "this command" if engine == "fsdp" else "preftune"
+    raise ValueError(f"launched with accelerate's {engine} set-up, which {what} does not train under yet "
+                     "(checkpoints, final/ and the reference would hold shards); launch with "
+                     "configs/accelerate/ddp.yaml, with LoRA if the model is too large for one device"
+                     + ("" if engine == "deepspeed" else ", or use preftune train / sft under fsdp.yaml"))
+
+
+def is_fsdp2(accelerator) -> bool:
+    """The weights are FSDP2 shards (DTensors): every process holds a slice of each."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return accelerator.distributed_type == DistributedType.FSDP and getattr(plugin, "fsdp_version", 1) == 2
+
+
+# --- FSDP2: whole tensors from shards and back. Every process calls these in the same order (a gather is a
+# collective); under DDP or one process they return their input.
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor of an FSDP2 shard (collective), or ``tensor`` itself when it is not sharded."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """``whole`` cut the way ``like`` is sharded: this process's slice, taken locally (every process read the
+    same whole tensor, so nothing is sent), or ``whole`` itself when ``like`` is not sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return whole
+    whole = whole.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def resharded(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every FSDP2 unit back in its sharded state. A unit that keeps its gathered weights after
+    a forward (the root, the final norm + LM head, any unit after a forward without backward) shows plain
+    whole tensors as its parameters until then; anything that reads or writes parameters by name (checkpoints,
+    TR-DPO) needs the shards. Local, no collective; a no-op without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+    return module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def whole_state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
+    """``module.state_dict()`` with every shard gathered into its whole tensor, on CPU (collective under FSDP2;
+    every process gets it)."""
+    return {name: full_tensor(t).detach().cpu() for name, t in module.state_dict().items()}
+
+
+def start_fsdp(module: torch.nn.Module) -> None:
+    """FSDP2 decides which unit is the root at the first forward it sees. preftune calls parts of the model
+    directly (the backbone and the LM head of the log-prob path, the reference with adapters off, the
+    sampler), so the root is settled here, before any of them runs."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module._get_fsdp_state()._lazy_init()
+
+
+def shard_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen model (the reference) sharded as accelerate shards the policy, so it is not held whole by
+    every process; its forwards are then collective like the policy's."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    model = fsdp2_prepare_model(accelerator, model)
+    start_fsdp(model)
+    return model

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
 from safetensors.torch import save_file
 from torch import nn
@@ -66,29 +67,54 @@ def model_card(config: Config, history: list[dict], data, objective) -> str:
 
 
 def export_final(config: Config, model: nn.Module, tokenizer, run_dir: Path, history, data, objective,
-                 value_head: nn.Module | None = None) -> Path:
+                 value_head: nn.Module | None = None, whole: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``final/`` under a temporary name and rename it into place (an interrupted export leaves the
-    previous ``final/`` intact)."""
+    previous ``final/`` intact). ``whole``: under FSDP2, the state dict of ``model`` (``model.*``) and of
+    ``value_head`` (``value_head.*``) gathered into whole tensors; ``model``'s own parameters are shards."""
     final, tmp = run_dir / "final", run_dir / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    weights = _part(whole, "model.")
     if hasattr(model, "peft_config"):
-        if config.lora.save == "merged":
+        if config.lora.save == "merged" and weights is not None:
+            _merge_gathered_adapter(config, model, weights, tmp)
+        elif config.lora.save == "merged":
             model.merge_and_unload().save_pretrained(tmp)  # merging is the last use of this model
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             _point_adapter_at_base(tmp, config)
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     if value_head is not None:  # DRO's V(x), on the policy's last prompt hidden state
-        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
-                  str(tmp / "value_head.safetensors"))
+        head = _part(whole, "value_head.") or value_head.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(tmp / "value_head.safetensors"))
     (tmp / "preftune_config.yaml").write_text(yaml.safe_dump(_record(config), sort_keys=False), encoding="utf-8")
     (tmp / "README.md").write_text(model_card(config, history, data, objective), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def _part(whole: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:
+    if whole is None:
+        return None
+    return {name[len(prefix):]: tensor for name, tensor in whole.items() if name.startswith(prefix)}
+
+
+def _merge_gathered_adapter(config: Config, model: nn.Module, weights: dict[str, torch.Tensor], tmp: Path) -> None:
+    """``lora.save: merged`` under FSDP2: the sharded model cannot merge in place, so the gathered adapter is
+    written, loaded onto a fresh copy of its base, merged and saved (the main process holds one whole model)."""
+    from ..modeling import load_merged
+
+    adapter = tmp.with_name(tmp.name + "-adapter")
+    shutil.rmtree(adapter, ignore_errors=True)
+    model.save_pretrained(adapter, state_dict=weights)
+    _point_adapter_at_base(adapter, config)
+    try:
+        load_merged(str(adapter), config.model).save_pretrained(tmp)
+    finally:
+        shutil.rmtree(adapter, ignore_errors=True)
 
 
 def _record(config: Config) -> dict:

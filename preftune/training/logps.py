@@ -207,6 +207,27 @@ class CompletionLogps(nn.Module):
         self.value_head = value_head
         self.packing = packing
 
+    # What accelerate's FSDP2 preparation looks up on the module it shards, so that the embedding and the
+    # final norm + LM head become units of their own, as they do for a bare Hugging Face model. The root then
+    # holds none of the model's weights, and the parts called directly (the backbone and head of the log-prob
+    # path, the policy with adapters off as the reference, the sampler) gather their own weights.
+    base_model_prefix = "backbone"
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:  # the decoder layer class: one unit per layer
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(model, "_no_split_modules", None)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return split_causal_lm(self.model)[0]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return split_causal_lm(self.model)[1]
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, *, sum_sq: bool = False,
                 reference: TokenReference | None = None) -> SequenceLogps:
         out = completion_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,

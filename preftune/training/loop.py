@@ -35,10 +35,14 @@ from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, sa
 from .distributed import (
     Ranks,
     any_process,
+    full_tensor,
+    is_fsdp2,
     is_main_process,
     main_decides,
     reduce_across,
-    refuse_sharding_engines,
+    refuse_unsupported_engines,
+    start_fsdp,
+    whole_state_dict,
 )
 from .fingerprint import check_same_run
 from .metrics import MeanAccumulator, MetricsWriter, finite, read_metrics
@@ -91,8 +95,10 @@ class Task(Protocol):
     def fingerprint(self) -> dict:
         """``{"settings": dotted config without output-only keys, "data": ..., "model": ...}`` (fingerprint.py)."""
     def restore_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None: ...
-    def export(self, module, history: list[dict]) -> Path:
-        """Write ``final/``; called on the main process only."""
+    def export(self, module, history: list[dict], whole: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``final/``; called on the main process only. ``whole``: under FSDP2, ``module``'s state dict
+        gathered into whole tensors (its own parameters are shards)."""
+    # optional: ``supports_fsdp = True`` when checkpoints, reference and export handle FSDP2 shards
 
 
 class StopRequest:
@@ -149,7 +155,8 @@ class Loop:
     def __init__(self, config: LoopConfig, task: Task, accelerator: Accelerator, run_dir: Path):
         self.config, self.task, self.accelerator, self.run_dir = config, task, accelerator, run_dir
         self.ranks = Ranks.of(accelerator)
-        refuse_sharding_engines(accelerator)
+        refuse_unsupported_engines(accelerator, fsdp_ok=getattr(task, "supports_fsdp", False))
+        self.sharded = is_fsdp2(accelerator)
         world = accelerator.num_processes
         self.schedule = BatchSchedule(task.num_examples, config.batch_size * world, config.gradient_accumulation_steps,
                                       config.seed, accelerator.process_index, world)
@@ -161,6 +168,11 @@ class Loop:
         scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.total_steps)
         self.module, self.optimizer, self.scheduler = accelerator.prepare(task.module, optimizer, scheduler)
+        if self.sharded:
+            start_fsdp(self.module)
+            local = sum(p.to_local().numel() for p in self.module.parameters())
+            log.info("sharded with FSDP2 over %d processes: process 0 holds %d of %d weights", world, local,
+                     sum(p.numel() for p in self.module.parameters()))
         task.attach(self.module, accelerator, self.progress)
 
     def progress(self, iterable, total, desc):
@@ -288,8 +300,10 @@ class Loop:
         history = read_metrics(self.run_dir)
         if not interrupted:
             final_dir = Path(self.config.output_dir) / "final"
+            # FSDP2: every process gathers the whole weights (a collective), the main one writes them
+            whole = whole_state_dict(self.module) if self.sharded else None
             if self.ranks.main:
-                final_dir = self.task.export(self.accelerator.unwrap_model(self.module), history)
+                final_dir = self.task.export(self.accelerator.unwrap_model(self.module), history, whole)
             self.ranks.barrier()  # final/ is in place when any process returns
         return TrainResult(self.run_dir, final_dir, final_step, eval_before, eval_after, history,
                            interrupted=interrupted)
@@ -320,7 +334,7 @@ class Loop:
             shown = bad_loss if bad_loss is not None else float("nan")
             raise NonFiniteLossError(self._nonfinite_message(step, "loss (on at least one process)", shown))
         max_norm = self.config.max_grad_norm or float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(self.module.parameters(), max_norm)
+        grad_norm = full_tensor(self.accelerator.clip_grad_norm_(self.module.parameters(), max_norm))
         if not finite(grad_norm) and not self._scaler_skips(step):
             raise NonFiniteLossError(self._nonfinite_message(step, "gradient norm", float(grad_norm)))
         if finite(grad_norm):

@@ -16,7 +16,7 @@ import torch
 from .. import modeling
 from ..config import Config, save_config, to_dict
 from ..data import Collator, TokenizedSplits, content_hash, read_splits, tokenize_splits
-from .distributed import RowGather, collate_shard, is_main_process, reduce_across
+from .distributed import RowGather, collate_shard, is_fsdp2, is_main_process, reduce_across, shard_frozen
 from .export import export_final
 from .fingerprint import model_identity, settings
 from .logps import CompletionLogps
@@ -43,8 +43,12 @@ def _value_head(policy: torch.nn.Module) -> torch.nn.Module:
 
 
 class PreferenceTask:
-    """The policy (wrapped so one forward returns completion log-probs) under ``objective`` (an ObjectivePlan)."""
+    """The policy (wrapped so one forward returns completion log-probs) under ``objective`` (an ObjectivePlan).
 
+    Under FSDP2 the policy and a separate frozen reference are both sharded by accelerate; every forward is
+    then a collective, which the loop's stand-in batches keep in step (evaluation, precompute, samples)."""
+
+    supports_fsdp = True
 
     def __init__(self, config: Config, objective, tokenizer, policy: torch.nn.Module, data: TokenizedSplits,
                  shape: str):
@@ -61,6 +65,8 @@ class PreferenceTask:
                         t.batch_size * t.gradient_accumulation_steps)
         value_head = _value_head(policy) if objective.needs_value else None
         self.module = CompletionLogps(policy, t.logps_chunk_size, value_head, t.packing)
+        # built now, from the starting policy as loaded: accelerate's FSDP2 preparation shards it in place
+        self.reference = build_reference(config, objective, policy, lambda: self.accelerator.autocast())
         self.state: dict[str, torch.Tensor] = {}  # the objective's running statistics (β-DPO, BCO)
         self.syncs = 0
         self.retain = None
@@ -72,8 +78,12 @@ class PreferenceTask:
         """Build the reference (from the unwrapped policy), precompute it if asked, and the scorers."""
         config, objective = self.config, self.objective
         self.accelerator, self.progress = accelerator, progress
-        reference = build_reference(config, objective, self.policy, accelerator.autocast)
-        if config.training.precision == "bf16" and getattr(reference, "model", None) is not None:
+        reference, self.reference = self.reference, None
+        separate = getattr(reference, "model", None) is not None and reference.model is not self.policy
+        if separate and is_fsdp2(accelerator):  # sharded like the policy, not held whole by every process
+            reference.model = shard_frozen(accelerator, reference.model)
+            log.info("reference model sharded with FSDP2 like the policy")
+        elif config.training.precision == "bf16" and separate:
             store_frozen_linears_in_bf16(reference.model)  # a frozen copy: autocast would round it at every use
         if config.reference.sync_steps:
             if reference is None:
@@ -171,10 +181,11 @@ class PreferenceTask:
                 "data": content_hash(self.data.train) + content_hash(self.data.eval),
                 "model": model_identity(modeling.resolve(self.config.model.name_or_path))}
 
-    def export(self, module, history: list[dict]) -> Path:
+    def export(self, module, history: list[dict], whole: dict[str, torch.Tensor] | None = None) -> Path:
         restore_frozen_linears(module.model, modeling.DTYPES[self.config.model.dtype])  # merging must not round
         return export_final(self.config, module.model, self.tokenizer, Path(self.config.training.output_dir),
-                            history, self.data, self.objective.primary.objective, value_head=module.value_head)
+                            history, self.data, self.objective.primary.objective, value_head=module.value_head,
+                            whole=whole)
 
 
 def train_run(config: Config, objective, command: str = "train") -> TrainResult:
@@ -189,10 +200,15 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
             save_config(config, run_dir / "config.yaml")
         torch.manual_seed(config.training.seed)
         accelerator = modeling.make_accelerator(config.training.precision, tracker_names(config.training), run_dir)
+        if config.model.quantization and is_fsdp2(accelerator):
+            raise ValueError("model.quantization (QLoRA) under FSDP is not supported: the quantized base would need "
+                             "bitsandbytes' float quant_storage to be sharded; launch with configs/accelerate/ddp.yaml "
+                             "(QLoRA keeps a 7B model on one device)")
         tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         data = tokenize_splits(config, splits, tokenizer, run_dir if main else None)
         policy = modeling.place(modeling.load_policy(config), accelerator.device)
-        if config.training.precision == "bf16":  # LoRA's frozen base: stored as autocast would use it
+        # LoRA's frozen base: stored as autocast would use it (not under FSDP2, whose units gather one dtype)
+        if config.training.precision == "bf16" and not is_fsdp2(accelerator):
             store_frozen_linears_in_bf16(policy)
         trainable, total = modeling.count_parameters(policy)
         log.info("policy: %s%s, %d of %d parameters trainable", config.model.name_or_path,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .. import modeling
 from ..config import Config
 from ..data import Collator, TokenizedExample, content_hash, row_layout
-from .distributed import Ranks, collate_shard, main_decides
+from .distributed import Ranks, collate_shard, full_tensor, is_sharded, main_decides, resharded
 from .logps import TokenReference, completion_logps
 from .schedule import sequential_batches, shards
 from .step import is_stand_in
@@ -77,7 +77,7 @@ class AdapterOffReference(ModelReference):
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if "lora_" in name and p.requires_grad}
+    return {name: p for name, p in resharded(model).named_parameters() if "lora_" in name and p.requires_grad}
 
 
 class AdapterSwapReference(ModelReference):
@@ -136,14 +136,15 @@ class CachedReference:
 
 def weights_digest(model: nn.Module, adapter: dict[str, Tensor] | None = None) -> str:
     """sha256 of every weight the reference computes with: the model's without its LoRA weights (they are
-    off), plus the ``adapter`` tensors swapped in, if any."""
+    off), plus the ``adapter`` tensors swapped in, if any. FSDP2 shards are gathered first (every process
+    calls this), so the key is the one a single process computes."""
     digest = hashlib.sha256()
     tensors = {name: t for name, t in model.state_dict().items() if "lora_" not in name}
     tensors.update({f"adapter/{name}": t for name, t in (adapter or {}).items()})
     for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(full_tensor(tensor.detach()).cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -174,8 +175,11 @@ def precompute(
         return CachedReference(cached)
     table, seen = torch.zeros((size, slots), dtype=torch.float64), torch.zeros((size, slots))
     iterator = progress(batches) if progress else batches
+    lockstep = is_sharded(reference.model) if getattr(reference, "model", None) is not None else False
     for batch in iterator:
-        if is_stand_in(batch):  # nothing of this batch is this process's (the reference's forward is local)
+        if is_stand_in(batch):  # nothing of this batch is this process's
+            if lockstep:  # but a sharded model's forward is collective: run it with the others
+                reference(batch)
             continue
         example, slot, _ = row_layout(batch)
         rows, slot = batch["index"][example].cpu(), slot.cpu()

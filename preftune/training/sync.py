@@ -15,6 +15,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from .distributed import resharded, shard_like
 from .reference import AdapterSwapReference, ModelReference, lora_parameters
 
 log = logging.getLogger("preftune")
@@ -28,7 +29,7 @@ class SyncingAdapterReference(AdapterSwapReference):
         return dict(self.adapter)
 
     def load_state(self, tensors: dict[str, Tensor]) -> None:
-        self.adapter = {name: tensors[name].clone() for name in self.adapter}
+        self.adapter = {name: shard_like(tensors[name], like).clone() for name, like in self.adapter.items()}
 
     @torch.no_grad()
     def sync(self, policy: nn.Module, alpha: float) -> None:
@@ -40,17 +41,17 @@ class CopySyncReference(ModelReference):
     """A frozen copy of the policy that is mixed towards it at each sync."""
 
     def state(self) -> dict[str, Tensor]:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
+        return {name: p.detach() for name, p in resharded(self.model).named_parameters()}
 
     def load_state(self, tensors: dict[str, Tensor]) -> None:
         with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(tensors[name])
+            for name, p in resharded(self.model).named_parameters():
+                p.copy_(shard_like(tensors[name], p))
 
     @torch.no_grad()
     def sync(self, policy: nn.Module, alpha: float) -> None:
-        reference = dict(self.model.named_parameters())
-        for name, p in policy.named_parameters():
+        reference = dict(resharded(self.model).named_parameters())
+        for name, p in resharded(policy).named_parameters():
             if name not in reference or reference[name].shape != p.shape:
                 raise ValueError(f"TR-DPO mixes the policy into the reference, but parameter {name} does not "
                                  "match: the reference must be a copy of the starting model")

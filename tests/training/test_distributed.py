@@ -196,33 +196,44 @@ def test_only_the_main_process_writes_metrics_and_a_half_row_is_dropped_on_resum
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
-def test_sharding_engines_are_refused_before_anything_is_prepared(engine):
-    """Checkpoints and final/ would hold shards: the launch stops at once, naming the set-up and what to use."""
+def _launched(kind: str, fsdp_version: int | None = None):
+    """A stand-in for an accelerator as a launch brought it up: its distributed type and FSDP plugin."""
     from accelerate.utils import DistributedType
 
-    from preftune.training.distributed import refuse_sharding_engines
+    plugin = type("Plugin", (), {"fsdp_version": fsdp_version})() if fsdp_version else None
+    return type("Launched", (), {"distributed_type": DistributedType[kind],
+                                 "state": type("State", (), {"fsdp_plugin": plugin})()})()
 
-    class Launched:
-        distributed_type = DistributedType[engine]
 
-    with pytest.raises(ValueError, match=f"{engine.lower()} set-up.*configs/accelerate/ddp.yaml"):
-        refuse_sharding_engines(Launched())
-    refuse_sharding_engines(type("Plain", (), {"distributed_type": DistributedType.MULTI_CPU})())
+def test_deepspeed_is_refused_and_fsdp2_is_accepted_only_where_the_task_handles_shards(monkeypatch):
+    """Before anything is prepared: DeepSpeed stops every command, naming the set-up and what to use; FSDP2 is
+    accepted by a task that gathers shards (preference training), refused by others (the reward trainer,
+    the on-policy loop) and refused as FSDP1; plain processes pass."""
+    from preftune.training.distributed import refuse_unsupported_engines
+
+    for variable in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.setenv(variable, "false")
+    with pytest.raises(ValueError, match="deepspeed set-up, which preftune does not.*configs/accelerate/ddp.yaml"):
+        refuse_unsupported_engines(_launched("DEEPSPEED"), fsdp_ok=True)
+    with pytest.raises(ValueError, match="fsdp set-up, which this command does not.*preftune train / sft"):
+        refuse_unsupported_engines(_launched("FSDP", 2), fsdp_ok=False)
+    with pytest.raises(ValueError, match="did not come up as FSDP2.*fsdp_version: 2"):
+        refuse_unsupported_engines(_launched("FSDP", 1), fsdp_ok=True)
+    refuse_unsupported_engines(_launched("FSDP", 2), fsdp_ok=True)
+    refuse_unsupported_engines(_launched("MULTI_CPU"), fsdp_ok=False)
 
 
 @pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
-def test_a_sharding_set_up_that_accelerate_turned_into_plain_processes_is_refused_too(engine, monkeypatch):
-    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` on a CPU exports ACCELERATE_USE_FSDP=true
-    and accelerate 1.15 then comes up as MULTI_CPU (FSDP is for GPU-class devices): each process would hold the
-    whole model although the set-up promised shards. Named like a granted engine."""
-    from accelerate.utils import DistributedType
+def test_a_sharding_set_up_that_came_up_as_plain_processes_is_refused(engine, monkeypatch):
+    """``accelerate launch`` with an FSDP or DeepSpeed set-up exports ACCELERATE_USE_<ENGINE>=true; if the
+    processes still came up unsharded (MULTI_CPU: accelerate 1.15 offers FSDP to GPU-class devices only, and
+    preftune turns on FSDP2 alone on a CPU), each would hold the whole model although the set-up promised
+    shards: refused like the engine itself."""
+    from preftune.training.distributed import refuse_unsupported_engines
 
-    from preftune.training.distributed import refuse_sharding_engines
-
-    plain = type("Plain", (), {"distributed_type": DistributedType.MULTI_CPU})()
+    plain = _launched("MULTI_CPU")
     monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "false")
-    refuse_sharding_engines(plain)
+    refuse_unsupported_engines(plain, fsdp_ok=True)
     monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
-    with pytest.raises(ValueError, match=f"{engine.lower()} set-up"):
-        refuse_sharding_engines(plain)
+    with pytest.raises(ValueError, match="did not come up as FSDP2" if engine == "FSDP" else "deepspeed set-up"):
+        refuse_unsupported_engines(plain, fsdp_ok=True)
