@@ -360,6 +360,11 @@ def test_fsdp_tr_dpo_killed_then_resumed_equals_one_process(dpo_recipe, tmp_path
         assert set(a) == set(b) and len(a) > 10  # the reference's weights
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=TOLERANCE, msg=name)
+        module = CompletionLogps(AutoModelForCausalLM.from_pretrained(raw["model"]["name_or_path"]), 1024)
+        optimizer = torch.optim.AdamW(module.parameters())
+        scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=4)
+        state = load_checkpoint(tmp_path / "two" / "checkpoints" / f"step-{step:08d}", module, optimizer, scheduler)
+        assert state["step"] == step and len(optimizer.state) == len(list(module.parameters()))
 
 
 def test_fsdp_bf16_keeps_summed_log_probs_in_fp32(dpo_recipe, tmp_path):
