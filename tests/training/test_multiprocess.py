@@ -271,22 +271,29 @@ def test_precomputed_reference_and_beta_dpo_on_two_processes_equal_one_process(d
         torch.testing.assert_close(b, a, rtol=TOLERANCE, atol=TOLERANCE, equal_nan=True)
 
 
-def fsdp_launch(*args: str) -> list[str]:
+def fsdp_launch(*args: str, config: Path = ROOT / "configs" / "accelerate" / "fsdp.yaml") -> list[str]:
     """``accelerate launch`` with the shipped FSDP2 set-up (on this CPU preftune turns FSDP2 on itself: accelerate
     1.15 offers FSDP to GPU-class devices only)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
             "--main_process_port", str(_free_port()), "-m", "preftune", *args]
 
 
-def test_fsdp_full_fine_tuning_with_a_sharded_reference_equals_one_process(dpo_recipe, tmp_path):
+@pytest.mark.parametrize("ram_efficient", [True, False])
+def test_fsdp_full_fine_tuning_with_a_sharded_reference_equals_one_process(dpo_recipe, tmp_path, ram_efficient):
     """FSDP2 over gloo, 2 processes: the policy and the frozen reference copy are sharded (each process holds
-    half of every unit: checked in a checkpoint's log line below), and the loss curve, held-out metrics (odd
-    split), final weights and a checkpoint's optimizer moments equal one process with the same global batch.
-    A small ``logps_chunk_size`` makes the processes run different numbers of LM-head chunks per batch."""
+    half of every unit: checked in the log), and the loss curve, held-out metrics (odd split), final weights
+    and checkpoints' optimizer moments equal one process with the same global batch. A small
+    ``logps_chunk_size`` makes the processes run different numbers of LM-head chunks per batch. With
+    ``fsdp_cpu_ram_efficient_loading`` (the shipped set-up) only process 0 reads the weights; without it each
+    process reads them and keeps its shard."""
     raw = copy.deepcopy(dpo_recipe)
     raw["training"].update(output_dir=str(tmp_path / "two"), max_steps=3, save_steps=2, logps_chunk_size=16)
-    launch(fsdp_launch("train", str(recipe(tmp_path, raw, "dpo"))), tmp_path)
+    setup = (ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text(encoding="utf-8")
+    assert "fsdp_cpu_ram_efficient_loading: true" in setup
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(setup.replace("fsdp_cpu_ram_efficient_loading: true",
+                                    f"fsdp_cpu_ram_efficient_loading: {str(ram_efficient).lower()}"), encoding="utf-8")
+    launch(fsdp_launch("train", str(recipe(tmp_path, raw, "dpo")), config=config), tmp_path)
     log = (tmp_path / "two" / "train.log").read_text()
     assert "holds 94368 of 188736 weights" in log and "reference model sharded with FSDP2" in log
     single = one_process(raw, tmp_path / "one")
