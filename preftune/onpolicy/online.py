@@ -57,7 +57,7 @@ def spo_plan(beta: float) -> ObjectivePlan:
 class OnlineTask(PreferenceTask):
     """``PreferenceTask`` whose micro-batches are prompts: ``loss`` samples, judges and scores them."""
 
-    supports_fsdp = False  # each process samples its own prompts: a sharded model's forwards would not line up
+    supports_fsdp = supports_deepspeed = False  # each process samples its own prompts (lockstep, engine untested)
 
     def __init__(self, config, objective, tokenizer, policy, online: OnlineSection, prompts: list, judge: Judge,
                  use_template: bool):

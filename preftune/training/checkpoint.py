@@ -38,6 +38,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .distributed import ONE_PROCESS, Ranks, full_tensor, is_sharded, resharded, shard_like
+from .engines import (
+    check_zero_checkpoint,
+    full_master,
+    load_zero_optimizer_state,
+    zero_optimizer_state,
+    zero_partitioned,
+)
 from .state_files import StateFileError, load_state, save_state
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -54,8 +61,8 @@ class CheckpointError(ValueError):
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters the optimizer updates (all of them for full fine-tuning, the adapters with LoRA), whole
     (gathered from every process under FSDP2: a collective)."""
-    return {name: full_tensor(p.detach()).contiguous().cpu() for name, p in resharded(model).named_parameters()
-            if p.requires_grad}
+    return {name: full_tensor(full_master(p).detach()).contiguous().cpu()
+            for name, p in resharded(model).named_parameters() if p.requires_grad}
 
 
 def optimizer_state(optimizer) -> dict:
@@ -96,6 +103,11 @@ def rng_file(rank: int) -> str:
     return RNG if rank == 0 else f"{RNG}-rank{rank}"
 
 
+def optimizer_file(rank: int) -> str:
+    """A DeepSpeed ZeRO-1/2 process's own optimizer partition (every process, 0 included)."""
+    return f"{OPTIMIZER}-rank{rank}"
+
+
 def _fsync(files: list[Path]) -> None:
     for file in files:
         with open(file, "rb") as handle:
@@ -125,16 +137,21 @@ def save_checkpoint(
         tmp.mkdir()
     ranks.barrier()  # the folder exists for everyone
     _fsync(save_state(rng_state(), tmp, rng_file(ranks.rank)))
-    if ranks.main or is_sharded(model):  # sharded: every process takes part in gathering
-        weights, moments = trainable_state(model), optimizer_state(optimizer)
+    zero = zero_partitioned(model)
+    if zero:  # DeepSpeed ZeRO-1/2: each process writes its own partition of the optimizer
+        _fsync(save_state(zero_optimizer_state(optimizer), tmp, optimizer_file(ranks.rank)))
+    if ranks.main or is_sharded(model) or zero:  # sharded: every process takes part in gathering
+        weights = trainable_state(model)
+        moments = None if zero else optimizer_state(optimizer)
         extra = {k: full_tensor(v.detach()).cpu().contiguous() for k, v in (tensors or {}).items()}
     if ranks.main:
         save_file(weights, str(tmp / WEIGHTS))
-        save_state(moments, tmp, OPTIMIZER)
+        if moments is not None:
+            save_state(moments, tmp, OPTIMIZER)
         save_state(scheduler.state_dict(), tmp, SCHEDULER)
         save_file(extra, str(tmp / STATE_TENSORS))
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
-        _fsync([f for f in tmp.iterdir() if not f.name.startswith(f"{RNG}-rank")])
+        _fsync([f for f in tmp.iterdir() if "-rank" not in f.name])
     ranks.barrier()  # every process's files are on disk before the folder is published
     if ranks.main:
         if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
@@ -167,7 +184,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _read_states(path: Path, rank: int) -> dict:
+def _read_states(path: Path, rank: int, zero: bool = False) -> dict:
     """Optimizer, scheduler and this process's RNG states, decoded (nothing applied yet). A process that the
     writing run did not have (resumed on more processes) continues process 0's RNG streams."""
     if not (path / f"{OPTIMIZER}.json").is_file() and any((path / name).exists() for name in LEGACY_PICKLES):
@@ -178,7 +195,8 @@ def _read_states(path: Path, rank: int) -> dict:
         )
     try:
         rng = rng_file(rank) if (path / f"{rng_file(rank)}.json").is_file() else RNG
-        return {**{name: load_state(path, name) for name in (OPTIMIZER, SCHEDULER)}, RNG: load_state(path, rng)}
+        return {OPTIMIZER: load_state(path, optimizer_file(rank) if zero else OPTIMIZER),
+                SCHEDULER: load_state(path, SCHEDULER), RNG: load_state(path, rng)}
     except StateFileError as exc:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: {exc}") from exc
 
@@ -210,15 +228,22 @@ def _scheduler_loader(scheduler):
     return restore
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: int = 0,
+                    deepspeed: dict | None = None) -> dict:
     """Restore weights, optimizer, scheduler and process ``rank``'s RNG from ``path``; returns the trainer
-    state. Every process reads the same shared files (they are replicas of one another)."""
+    state. Every process reads the same shared files (they are replicas of one another), and under DeepSpeed
+    its own optimizer partition (``deepspeed``: this run's ZeRO stage and process count, which must be the
+    checkpoint's)."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{path} is not a preftune checkpoint (no trainer_state.json)")
-    states = _read_states(path, rank)
-    weights = _tensors(path, WEIGHTS)
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    try:
+        check_zero_checkpoint(path, state.get("deepspeed"), deepspeed)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    states = _read_states(path, rank, zero=deepspeed is not None)
+    weights = _tensors(path, WEIGHTS)
     state["tensors"] = _tensors(path, STATE_TENSORS) if (path / STATE_TENSORS).is_file() else {}
     params = dict(resharded(model).named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -231,8 +256,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: in
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(shard_like(tensor.to(params[name].dtype), params[name]))
-    _apply("optimizer", path, lambda s: optimizer.load_state_dict(shard_optimizer_state(s, optimizer)),
-           states[OPTIMIZER])
+    if deepspeed is not None:
+        _apply("optimizer", path, lambda s: load_zero_optimizer_state(optimizer, s), states[OPTIMIZER])
+    else:
+        _apply("optimizer", path, lambda s: optimizer.load_state_dict(shard_optimizer_state(s, optimizer)),
+               states[OPTIMIZER])
     _apply("scheduler", path, _scheduler_loader(scheduler), states[SCHEDULER])
     _apply("RNG", path, set_rng_state, states[RNG])
     return state

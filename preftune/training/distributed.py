@@ -193,10 +193,12 @@ def sharding_engine(accelerator) -> str | None:
     return None
 
 
-def refuse_unsupported_engines(accelerator, fsdp_ok: bool) -> None:
-    """DDP always; FSDP2 where the task's checkpoint, reference and export paths gather shards (``fsdp_ok``);
-    never DeepSpeed, which also takes over gradient accumulation and clipping (not written yet). Stops before
-    anything is prepared rather than failing hours later at the first save."""
+def refuse_unsupported_engines(accelerator, fsdp_ok: bool, deepspeed_ok: bool = False) -> None:
+    """DDP always; FSDP2 and DeepSpeed ZeRO-1/2 where the task's checkpoint, reference and export paths handle
+    them (``fsdp_ok``, ``deepspeed_ok``). Stops before anything is prepared rather than failing hours later at
+    the first save."""
+    from accelerate.utils import DistributedType
+
     engine = sharding_engine(accelerator)
     if engine is None:
         return
@@ -206,11 +208,15 @@ def refuse_unsupported_engines(accelerator, fsdp_ok: bool) -> None:
                              "2 in the accelerate config, as configs/accelerate/fsdp.yaml has it); preftune trains "
                              "under FSDP2 only")
         return
-    what = "this command" if engine == "fsdp" else "preftune"
-    raise ValueError(f"launched with accelerate's {engine} set-up, which {what} does not train under yet "
+    if engine == "deepspeed" and deepspeed_ok:
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:
+            raise ValueError("launched with accelerate's deepspeed set-up, but the processes came up without "
+                             "DeepSpeed (is it installed? pip install deepspeed)")
+        return
+    raise ValueError(f"launched with accelerate's {engine} set-up, which this command does not train under "
                      "(checkpoints, final/ and the reference would hold shards); launch with "
-                     "configs/accelerate/ddp.yaml, with LoRA if the model is too large for one device"
-                     + ("" if engine == "deepspeed" else ", or use preftune train / sft under fsdp.yaml"))
+                     "configs/accelerate/ddp.yaml, with LoRA if the model is too large for one device, or use "
+                     "preftune train / sft, which run under fsdp.yaml and deepspeed_zero2.yaml")
 
 
 def is_fsdp2(accelerator) -> bool:

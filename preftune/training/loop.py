@@ -44,6 +44,7 @@ from .distributed import (
     start_fsdp,
     whole_state_dict,
 )
+from .engines import configure_deepspeed, is_deepspeed, master_state_dict, zero_record, zero_stage
 from .fingerprint import check_same_run
 from .metrics import MeanAccumulator, MetricsWriter, finite, read_metrics
 from .schedule import BatchSchedule, Shard
@@ -98,7 +99,8 @@ class Task(Protocol):
     def export(self, module, history: list[dict], whole: dict[str, torch.Tensor] | None = None) -> Path:
         """Write ``final/``; called on the main process only. ``whole``: under FSDP2, ``module``'s state dict
         gathered into whole tensors (its own parameters are shards)."""
-    # optional: ``supports_fsdp = True`` when checkpoints, reference and export handle FSDP2 shards
+    # optional: ``supports_fsdp = True`` / ``supports_deepspeed = True`` when checkpoints, reference and export
+    # handle FSDP2 shards / DeepSpeed ZeRO-1/2
 
 
 class StopRequest:
@@ -155,8 +157,14 @@ class Loop:
     def __init__(self, config: LoopConfig, task: Task, accelerator: Accelerator, run_dir: Path):
         self.config, self.task, self.accelerator, self.run_dir = config, task, accelerator, run_dir
         self.ranks = Ranks.of(accelerator)
-        refuse_unsupported_engines(accelerator, fsdp_ok=getattr(task, "supports_fsdp", False))
-        self.sharded = is_fsdp2(accelerator)
+        refuse_unsupported_engines(accelerator, fsdp_ok=getattr(task, "supports_fsdp", False),
+                                   deepspeed_ok=getattr(task, "supports_deepspeed", False))
+        self.sharded, self.deepspeed = is_fsdp2(accelerator), is_deepspeed(accelerator)
+        if self.deepspeed:
+            configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
+            log.info("DeepSpeed ZeRO-%d over %d processes: each holds the model and 1/%d of the fp32 masters, "
+                     "gradients and optimizer state",
+                     zero_stage(accelerator), accelerator.num_processes, accelerator.num_processes)
         world = accelerator.num_processes
         self.schedule = BatchSchedule(task.num_examples, config.batch_size * world, config.gradient_accumulation_steps,
                                       config.seed, accelerator.process_index, world)
@@ -203,6 +211,8 @@ class Loop:
         window = reduce_across(self.stats, self.accelerator).state()
         state = {"epoch": self.schedule.epoch_of(step), "total_steps": self.total_steps, **extra,
                  "fingerprint": self.fingerprint, "logging_window": window}
+        if self.deepspeed:  # its optimizer partitions resume only on the same launch
+            state["deepspeed"] = zero_record(self.accelerator)
         if self.accelerator.scaler is not None:  # fp16: the loss scale is part of exact resume
             state["grad_scaler"] = self.accelerator.scaler.state_dict()
         path = save_checkpoint(self.run_dir, step, self.accelerator.unwrap_model(self.module), self.optimizer,
@@ -214,7 +224,7 @@ class Loop:
     def _resume(self, checkpoint: Path) -> int:
         """Restore weights, optimizer, scheduler, RNG and the task's own state; returns the step."""
         restored = load_checkpoint(checkpoint, self.accelerator.unwrap_model(self.module), self.optimizer,
-                                   self.scheduler, rank=self.ranks.rank)
+                                   self.scheduler, rank=self.ranks.rank, deepspeed=zero_record(self.accelerator))
         for change in check_same_run(restored.get("fingerprint"), self.fingerprint, checkpoint):
             log.warning("resuming with another run length (%s): the learning-rate schedule follows the new one",
                         change)
@@ -301,7 +311,11 @@ class Loop:
         if not interrupted:
             final_dir = Path(self.config.output_dir) / "final"
             # FSDP2: every process gathers the whole weights (a collective), the main one writes them
-            whole = whole_state_dict(self.module) if self.sharded else None
+            whole = None
+            if self.sharded:
+                whole = whole_state_dict(self.module)
+            elif self.deepspeed:  # the fp32 masters, not DeepSpeed's working copy
+                whole = master_state_dict(self.accelerator.unwrap_model(self.module))
             if self.ranks.main:
                 final_dir = self.task.export(self.accelerator.unwrap_model(self.module), history, whole)
             self.ranks.barrier()  # final/ is in place when any process returns
@@ -328,15 +342,19 @@ class Loop:
                     bad_loss = float(loss.detach())
                     if self.ranks.world == 1:
                         raise NonFiniteLossError(self._nonfinite_message(step, "loss", bad_loss))
+                # decided before the last backward: under DeepSpeed the optimizer step runs inside it
+                if last and any_process(self.accelerator, bad_loss is not None)[0]:
+                    shown = bad_loss if bad_loss is not None else float("nan")
+                    raise NonFiniteLossError(self._nonfinite_message(step, "loss (on at least one process)", shown))
+                if self.deepspeed:  # DeepSpeed reduces and steps at the boundary: the step's last micro-batch
+                    self.accelerator.gradient_state._set_sync_gradients(last)
                 self.accelerator.backward(loss)  # with several processes, all must reach the gradient all-reduce
             tokens += 0 if shard.stand_in else batch_tokens
-        if any_process(self.accelerator, bad_loss is not None)[0]:
-            shown = bad_loss if bad_loss is not None else float("nan")
-            raise NonFiniteLossError(self._nonfinite_message(step, "loss (on at least one process)", shown))
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = full_tensor(self.accelerator.clip_grad_norm_(self.module.parameters(), max_norm))
         if not finite(grad_norm) and not self._scaler_skips(step):
-            raise NonFiniteLossError(self._nonfinite_message(step, "gradient norm", float(grad_norm)))
+            raise NonFiniteLossError(self._nonfinite_message(step, "gradient norm", float(grad_norm),
+                                                             applied=self.deepspeed))
         if finite(grad_norm):
             stats.add_mean("grad_norm", float(grad_norm), 1)
         self.optimizer.step()
@@ -354,8 +372,10 @@ class Loop:
                     "lowered", step + 1, scaler.get_scale())
         return True
 
-    def _nonfinite_message(self, step: int, what: str, value: float) -> str:
+    def _nonfinite_message(self, step: int, what: str, value: float, applied: bool = False) -> str:
         last = latest_checkpoint(self.run_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-        return (f"step {step + 1}: the {what} is {value}; stopping before applying this update ({kept}). "
+        when = ("stopping; DeepSpeed applied this update inside backward, so the model in memory is damaged"
+                if applied else "stopping before applying this update")
+        return (f"step {step + 1}: the {what} is {value}; {when} ({kept}). "
                 "Common causes: a learning rate too high, fp16/bf16 overflow, or a reference far from the policy.")

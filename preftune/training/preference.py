@@ -48,7 +48,7 @@ class PreferenceTask:
     Under FSDP2 the policy and a separate frozen reference are both sharded by accelerate; every forward is
     then a collective, which the loop's stand-in batches keep in step (evaluation, precompute, samples)."""
 
-    supports_fsdp = True
+    supports_fsdp = supports_deepspeed = True
 
     def __init__(self, config: Config, objective, tokenizer, policy: torch.nn.Module, data: TokenizedSplits,
                  shape: str):

@@ -205,35 +205,36 @@ def _launched(kind: str, fsdp_version: int | None = None):
                                  "state": type("State", (), {"fsdp_plugin": plugin})()})()
 
 
-def test_deepspeed_is_refused_and_fsdp2_is_accepted_only_where_the_task_handles_shards(monkeypatch):
-    """Before anything is prepared: DeepSpeed stops every command, naming the set-up and what to use; FSDP2 is
-    accepted by a task that gathers shards (preference training), refused by others (the reward trainer,
-    the on-policy loop) and refused as FSDP1; plain processes pass."""
+def test_sharding_engines_are_accepted_only_where_the_task_handles_them(monkeypatch):
+    """Before anything is prepared: FSDP2 and DeepSpeed are accepted by a task that handles them (preference
+    training), refused by others (the reward trainer, the on-policy loop) naming what to use, FSDP1 refused;
+    plain processes pass."""
     from preftune.training.distributed import refuse_unsupported_engines
 
     for variable in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.setenv(variable, "false")
-    with pytest.raises(ValueError, match="deepspeed set-up, which preftune does not.*configs/accelerate/ddp.yaml"):
-        refuse_unsupported_engines(_launched("DEEPSPEED"), fsdp_ok=True)
-    with pytest.raises(ValueError, match="fsdp set-up, which this command does not.*preftune train / sft"):
-        refuse_unsupported_engines(_launched("FSDP", 2), fsdp_ok=False)
+    for engine, version in (("DEEPSPEED", None), ("FSDP", 2)):
+        with pytest.raises(ValueError, match=f"{engine.lower()} set-up, which this command does not.*ddp.yaml"):
+            refuse_unsupported_engines(_launched(engine, version), fsdp_ok=False, deepspeed_ok=False)
     with pytest.raises(ValueError, match="did not come up as FSDP2.*fsdp_version: 2"):
         refuse_unsupported_engines(_launched("FSDP", 1), fsdp_ok=True)
     refuse_unsupported_engines(_launched("FSDP", 2), fsdp_ok=True)
+    refuse_unsupported_engines(_launched("DEEPSPEED"), fsdp_ok=False, deepspeed_ok=True)
     refuse_unsupported_engines(_launched("MULTI_CPU"), fsdp_ok=False)
 
 
 @pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
 def test_a_sharding_set_up_that_came_up_as_plain_processes_is_refused(engine, monkeypatch):
     """``accelerate launch`` with an FSDP or DeepSpeed set-up exports ACCELERATE_USE_<ENGINE>=true; if the
-    processes still came up unsharded (MULTI_CPU: accelerate 1.15 offers FSDP to GPU-class devices only, and
-    preftune turns on FSDP2 alone on a CPU), each would hold the whole model although the set-up promised
-    shards: refused like the engine itself."""
+    processes still came up plain (MULTI_CPU: accelerate 1.15 offers both to GPU-class devices only, preftune
+    turns them on for CPU processes, but FSDP1 or a missing deepspeed package is left plain), each would hold
+    the whole model and optimizer state although the set-up promised shards: refused, saying why."""
     from preftune.training.distributed import refuse_unsupported_engines
 
     plain = _launched("MULTI_CPU")
     monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "false")
-    refuse_unsupported_engines(plain, fsdp_ok=True)
+    refuse_unsupported_engines(plain, fsdp_ok=True, deepspeed_ok=True)
     monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
-    with pytest.raises(ValueError, match="did not come up as FSDP2" if engine == "FSDP" else "deepspeed set-up"):
-        refuse_unsupported_engines(plain, fsdp_ok=True)
+    expected = "did not come up as FSDP2" if engine == "FSDP" else "came up without DeepSpeed.*pip install deepspeed"
+    with pytest.raises(ValueError, match=expected):
+        refuse_unsupported_engines(plain, fsdp_ok=True, deepspeed_ok=True)

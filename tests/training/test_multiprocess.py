@@ -15,6 +15,7 @@ about the arithmetic of the method, which is what is tested, at the stated 1e-5.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import signal
@@ -32,7 +33,7 @@ from transformers import AutoModelForCausalLM, get_scheduler
 
 from preftune.config import config_from_dict
 from preftune.training import train
-from preftune.training.checkpoint import list_checkpoints, load_checkpoint
+from preftune.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from preftune.training.logps import CompletionLogps
 from preftune.training.metrics import read_metrics
 
@@ -430,3 +431,77 @@ def test_fsdp_refuses_a_token_level_objective_on_the_adapter_off_policy(dpo_reci
     assert done.returncode != 0
     assert "'tdpo' reads the reference token by token" in done.stderr and "configs/accelerate/ddp.yaml" in done.stderr
     assert not list((tmp_path / "two").glob("checkpoints/step-*"))
+
+
+def deepspeed_launch(*args: str, config: str = "deepspeed_zero2.yaml") -> list[str]:
+    """``accelerate launch`` with a shipped DeepSpeed set-up (on this CPU preftune turns DeepSpeed on itself, as
+    for FSDP2)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / config), "--num_processes", "2",
+            "--main_process_port", str(_free_port()), "-m", "preftune", *args]
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="needs deepspeed (make test installs it)")
+
+
+@needs_deepspeed
+def test_deepspeed_zero2_with_accumulation_killed_then_resumed_equals_one_process(dpo_recipe, tmp_path):
+    """DeepSpeed ZeRO-2, 2 processes x 2 pairs x accumulation 2 against 1 process x 4 pairs x 2: preftune
+    marks the step's last micro-batch as DeepSpeed's boundary (DeepSpeed reduces, clips and steps inside that
+    backward). SIGKILL of the whole job after checkpoint 2, then the same command: each process reloads its
+    own optimizer partition; the curve after the resume, held-out metrics, grad norms, learning rates and
+    final weights equal the one-process run straight through. Resuming under another launch is refused."""
+    raw = copy.deepcopy(dpo_recipe)
+    raw["training"].update(output_dir=str(tmp_path / "two"), max_steps=4, save_steps=1, gradient_accumulation_steps=2)
+    command = deepspeed_launch("train", str(recipe(tmp_path, raw, "dpo")))
+    _kill_after_checkpoint(command, tmp_path / "two", "step-00000002", tmp_path)
+    launch(command, tmp_path)
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert "DeepSpeed ZeRO-2 over 2 processes" in log and "resumed from" in log
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-00000004"
+    assert {p.name for p in checkpoint.glob("optimizer*.json")} == {"optimizer-rank0.json", "optimizer-rank1.json"}
+    single = one_process(raw, tmp_path / "one")
+    resumed = [r for r in read_metrics(tmp_path / "two") if r["step"] > 2 or "eval/loss" in r]
+    assert_same_rows([r for r in single if r["step"] > 2 or "eval/loss" in r], resumed)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    with pytest.raises(CheckpointError, match="DeepSpeed ZeRO-2 on 2 processes.*same launch"):
+        module = CompletionLogps(AutoModelForCausalLM.from_pretrained(raw["model"]["name_or_path"]), 1024)
+        optimizer = torch.optim.AdamW(module.parameters())
+        load_checkpoint(checkpoint, module, optimizer, get_scheduler("linear", optimizer, 0, 4))
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_is_refused_with_what_to_use(dpo_recipe, tmp_path):
+    raw = copy.deepcopy(dpo_recipe)
+    raw["training"].update(output_dir=str(tmp_path / "two"), max_steps=1)
+    done = subprocess.run(deepspeed_launch("train", str(recipe(tmp_path, raw, "dpo")), config="deepspeed_zero3.yaml"),
+                          cwd=tmp_path, env=_environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "ZeRO-3, which preftune does not train under" in done.stderr
+    assert "configs/accelerate/fsdp.yaml" in done.stderr
+
+
+DEEPSPEED_VARIANTS = {
+    "lora_precompute": {"lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                        "reference": {"precompute": True}},
+    "tr_dpo": {"reference": {"sync_steps": 1, "sync_alpha": 0.5}},
+}
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("variant", sorted(DEEPSPEED_VARIANTS))
+def test_deepspeed_zero2_variants_equal_one_process(dpo_recipe, tmp_path, variant):
+    """Under DeepSpeed ZeRO-2, 2 processes x 2 pairs against 1 process x 4 pairs, 3 steps: LoRA with the
+    adapter-off reference precomputed (cache written once), and TR-DPO (the reference copy follows the
+    policy's working weights). Curve, held-out metrics and final weights (or adapter) equal."""
+    raw = copy.deepcopy(dpo_recipe)
+    for section, values in DEEPSPEED_VARIANTS[variant].items():
+        raw[section] = {**raw.get(section, {}), **values}
+    raw["training"].update(output_dir=str(tmp_path / "two"), max_steps=3, save_steps=None)
+    launch(deepspeed_launch("train", str(recipe(tmp_path, raw, variant))), tmp_path)
+    assert_same_rows(one_process(raw, tmp_path / "one"), read_metrics(tmp_path / "two"))
+    name = "adapter_model.safetensors" if "lora" in raw else "model.safetensors"
+    a, b = (load_file(str(tmp_path / run / "final" / name)) for run in ("one", "two"))
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=TOLERANCE, msg=key)
