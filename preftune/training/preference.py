@@ -80,12 +80,6 @@ class PreferenceTask:
         self.accelerator, self.progress = accelerator, progress
         reference, self.reference = self.reference, None
         separate = getattr(reference, "model", None) is not None and reference.model is not self.policy
-        if is_fsdp2(accelerator) and not separate and reference is not None and objective.needs_live_reference:
-            raise ValueError(f"objective {objective.name!r} reads the reference token by token inside the policy's "
-                             "forward; with LoRA that reference is the policy itself with adapters off, and under "
-                             "FSDP2 (torch 2.13) that nested use of the same sharded units crashes in the backward. "
-                             "Launch with configs/accelerate/ddp.yaml, or train without LoRA (the reference is then "
-                             "a sharded copy), or give reference.name_or_path")
         if separate and is_fsdp2(accelerator):  # sharded like the policy, not held whole by every process
             reference.model = shard_frozen(accelerator, reference.model)
             log.info("reference model sharded with FSDP2 like the policy")
@@ -206,6 +200,13 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
             save_config(config, run_dir / "config.yaml")
         torch.manual_seed(config.training.seed)
         accelerator = modeling.make_accelerator(config.training.precision, tracker_names(config.training), run_dir)
+        adapter_reference = config.lora.enabled and not config.reference.name_or_path
+        if is_fsdp2(accelerator) and adapter_reference and objective.needs_live_reference:
+            raise ValueError(f"objective {objective.name!r} reads the reference token by token inside the policy's "
+                             "forward; with LoRA that reference is the policy itself with adapters off, and under "
+                             "FSDP2 (torch 2.13) that nested use of the same sharded units crashes in the backward. "
+                             "Launch with configs/accelerate/ddp.yaml, or train without LoRA (the reference is then "
+                             "a sharded copy), or give reference.name_or_path")
         if config.model.quantization and is_fsdp2(accelerator):
             raise ValueError("model.quantization (QLoRA) under FSDP is not supported: the quantized base would need "
                              "bitsandbytes' float quant_storage to be sharded; launch with configs/accelerate/ddp.yaml "
