@@ -70,3 +70,29 @@ def base_config(tiny_model_dir, pairs_file, tmp_path) -> dict:
             "logging_steps": 1, "save_steps": 2, "progress_bar": False, "eval_batch_size": 8, "seed": 3,
         },
     }
+
+
+@pytest.fixture(scope="module")
+def launch_pairs(tmp_path_factory) -> tuple[Path, Path]:
+    """For the multi-process tests (launching.py): 17 training pairs (global micro-batches of 4, 4, 4, 4, 1) and 5 held-out pairs (batches of 4, 1)."""
+    folder = tmp_path_factory.mktemp("pairs")
+    rows = write_pairs(folder / "all.jsonl", 22).read_text(encoding="utf-8").splitlines(keepends=True)
+    (folder / "train.jsonl").write_text("".join(rows[:17]), encoding="utf-8")
+    (folder / "eval.jsonl").write_text("".join(rows[17:]), encoding="utf-8")
+    return folder / "train.jsonl", folder / "eval.jsonl"
+
+
+@pytest.fixture(scope="module")
+def dpo_recipe(tiny_model_dir, launch_pairs, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("dpo")
+    return {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train_file": str(launch_pairs[0]), "eval_file": str(launch_pairs[1]), "max_length": 96, "max_prompt_length": 32},
+        "objective": {"name": "dpo", "beta": 0.1},
+        "reference": {"cache_dir": str(folder / "refcache")},
+        "training": {"output_dir": str(folder / "two"), "batch_size": 2, "eval_batch_size": 2, "max_steps": 5,
+                     "learning_rate": 1e-3, "adam_epsilon": 1e-6, "logging_steps": 1, "save_steps": 1,
+                     "save_total_limit": None, "progress_bar": False, "tensorboard": False, "seed": 3},
+    }
+
+

@@ -352,10 +352,12 @@ class Loop:
             tokens += 0 if shard.stand_in else batch_tokens
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = full_tensor(self.accelerator.clip_grad_norm_(self.module.parameters(), max_norm))
-        if not finite(grad_norm) and not self._scaler_skips(step):
+        if grad_norm is None:  # DeepSpeed skipped its step (fp16 overflow) and reports no norm
+            pass
+        elif not finite(grad_norm) and not self._scaler_skips(step):
             raise NonFiniteLossError(self._nonfinite_message(step, "gradient norm", float(grad_norm),
                                                              applied=self.deepspeed))
-        if finite(grad_norm):
+        elif finite(grad_norm):
             stats.add_mean("grad_norm", float(grad_norm), 1)
         self.optimizer.step()
         self.scheduler.step()
