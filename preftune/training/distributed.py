@@ -255,9 +255,15 @@ def resharded(module: torch.nn.Module) -> torch.nn.Module:
     whole tensors as its parameters until then; anything that reads or writes parameters by name (checkpoints,
     TR-DPO) needs the shards. Local, no collective; a no-op without FSDP2."""
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 
     for unit in module.modules():
         if isinstance(unit, FSDPModule):
+            # A unit whose forward ran without its root's (the reference's backbone and head, called directly)
+            # still counts itself as in forward, where a keep-gathered unit ignores reshard(). Called between
+            # steps only, so idle is its true state.
+            for group in unit._get_fsdp_state()._fsdp_param_groups:
+                group._training_state = TrainingState.IDLE
             unit.reshard()
     return module
 
