@@ -17,6 +17,7 @@ from launching import (
     accelerate_launch,
     assert_same_rows,
     assert_same_weights,
+    final_weights,
     kill_after_checkpoint,
     launch,
     needs_gloo,
@@ -46,6 +47,43 @@ def fsdp_setup(folder: Path, ram_efficient: bool) -> Path:
     config.write_text(setup.replace("fsdp_cpu_ram_efficient_loading: true",
                                     f"fsdp_cpu_ram_efficient_loading: {str(ram_efficient).lower()}"), encoding="utf-8")
     return config
+
+
+@pytest.mark.parametrize("save", ["adapter", "merged"])
+def test_fsdp_lora_with_precompute_and_samples_equals_one_process(dpo_recipe, tmp_path, save):
+    """FSDP2 with LoRA: the reference is the sharded policy with adapters off; its precompute runs stand-in
+    batches in step with the other process (17 pairs: the last global batch holds one); greedy samples at
+    each evaluation come from both processes' collective forwards. Curve, held-out metrics, samples, the
+    cached reference table and ``final/`` (the adapter, or the merged model: merged from the gathered
+    adapter on a fresh base) equal one process's."""
+    raw = copy.deepcopy(dpo_recipe)
+    raw["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "save": save}
+    raw["reference"] = {"precompute": True, "cache_dir": str(tmp_path / "cache-two")}
+    raw["training"].update(output_dir=str(tmp_path / "two"), max_steps=3, save_steps=None, eval_steps=2,
+                           sample_prompts=2, sample_max_new_tokens=6, learning_rate=1e-2)
+    launch(fsdp_launch("train", str(recipe(tmp_path, raw, "dpo_lora"))), tmp_path)
+    raw["reference"]["cache_dir"] = str(tmp_path / "cache-one")
+    single = one_process(raw, tmp_path / "one")
+    assert_same_rows(single, read_metrics(tmp_path / "two"))
+    samples = [(tmp_path / name / "samples.jsonl").read_text(encoding="utf-8") for name in ("one", "two")]
+    assert samples[0] == samples[1] and samples[0].count("\n") == 6  # 2 prompts at steps 0, 2, 3
+    if save == "merged":
+        assert_same_weights(tmp_path / "one", tmp_path / "two")
+        start = AutoModelForCausalLM.from_pretrained(raw["model"]["name_or_path"]).state_dict()
+        merged = final_weights(tmp_path / "two")
+        assert (merged["model.layers.0.self_attn.q_proj.weight"] - start["model.layers.0.self_attn.q_proj.weight"]
+                ).abs().max() > 1e-4  # the adapter is in the weights
+    else:
+        a = load_file(str(tmp_path / "one" / "final" / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "two" / "final" / "adapter_model.safetensors"))
+        assert set(a) == set(b) and any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=TOLERANCE, msg=name)
+    tables = [sorted(p.name for p in (tmp_path / name).iterdir()) for name in ("cache-one", "cache-two")]
+    assert tables[0] == tables[1] and len(tables[0]) == 2  # same keys: the weights digest gathers the shards
+    for name in tables[0]:
+        a, b = (load_file(str(tmp_path / d / name))["reference_logps"] for d in ("cache-one", "cache-two"))
+        torch.testing.assert_close(b, a, rtol=TOLERANCE, atol=TOLERANCE, equal_nan=True)
 
 
 def test_fsdp_tr_dpo_killed_then_resumed_equals_one_process(dpo_recipe, tmp_path):
