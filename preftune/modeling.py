@@ -301,6 +301,9 @@ def make_accelerator(precision: str, log_with: list[str] = (), run_dir=None, key
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def size(p):  # a DeepSpeed ZeRO-3 parameter holds no data of its own outside a forward
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(size(p) for p in model.parameters())
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
     return trainable, total

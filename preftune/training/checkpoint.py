@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .distributed import ONE_PROCESS, Ranks, full_tensor, is_sharded, resharded, shard_like
+from .distributed import ONE_PROCESS, Ranks, full_tensor, is_sharded, resharded, shard_like, whole_parameters
 from .engines import (
     check_zero_checkpoint,
     full_master,
@@ -104,7 +104,7 @@ def rng_file(rank: int) -> str:
 
 
 def optimizer_file(rank: int) -> str:
-    """A DeepSpeed ZeRO-1/2 process's own optimizer partition (every process, 0 included)."""
+    """A DeepSpeed ZeRO process's own optimizer partition (every process, 0 included)."""
     return f"{OPTIMIZER}-rank{rank}"
 
 
@@ -138,12 +138,12 @@ def save_checkpoint(
     ranks.barrier()  # the folder exists for everyone
     _fsync(save_state(rng_state(), tmp, rng_file(ranks.rank)))
     zero = zero_partitioned(model)
-    if zero:  # DeepSpeed ZeRO-1/2: each process writes its own partition of the optimizer
+    if zero:  # DeepSpeed: each process writes its own partition of the optimizer
         _fsync(save_state(zero_optimizer_state(optimizer), tmp, optimizer_file(ranks.rank)))
     if ranks.main or is_sharded(model) or zero:  # sharded: every process takes part in gathering
         weights = trainable_state(model)
         moments = None if zero else optimizer_state(optimizer)
-        extra = {k: full_tensor(v.detach()).cpu().contiguous() for k, v in (tensors or {}).items()}
+        extra = {k: full_tensor(v).detach().cpu().contiguous() for k, v in (tensors or {}).items()}
     if ranks.main:
         save_file(weights, str(tmp / WEIGHTS))
         if moments is not None:
@@ -255,7 +255,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: in
         )
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(shard_like(tensor.to(params[name].dtype), params[name]))
+            with whole_parameters([params[name]], modify=True):  # ZeRO-3: gathered, written, split again
+                params[name].copy_(shard_like(tensor.to(params[name].dtype), params[name]))
     if deepspeed is not None:
         _apply("optimizer", path, lambda s: load_zero_optimizer_state(optimizer, s), states[OPTIMIZER])
     else:

@@ -12,8 +12,8 @@ keeps its own rows' losses, so the summed gradient is that of one process on the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -187,14 +187,13 @@ def sharding_engine(accelerator) -> str | None:
     granted = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
     if granted is not None:
         return granted
-    for engine in ("fsdp", "deepspeed"):
-        if os.environ.get(f"ACCELERATE_USE_{engine.upper()}", "false").lower() == "true":
-            return engine
-    return None
+    from .engines import asked
+
+    return next((engine for engine in ("fsdp", "deepspeed") if asked(engine)), None)
 
 
 def refuse_unsupported_engines(accelerator, fsdp_ok: bool, deepspeed_ok: bool = False) -> None:
-    """DDP always; FSDP2 and DeepSpeed ZeRO-1/2 where the task's checkpoint, reference and export paths handle
+    """DDP always; FSDP2 and DeepSpeed where the task's checkpoint, reference and export paths handle
     them (``fsdp_ok``, ``deepspeed_ok``). Stops before anything is prepared rather than failing hours later at
     the first save."""
     from accelerate.utils import DistributedType
@@ -216,7 +215,7 @@ def refuse_unsupported_engines(accelerator, fsdp_ok: bool, deepspeed_ok: bool = 
     raise ValueError(f"launched with accelerate's {engine} set-up, which this command does not train under "
                      "(checkpoints, final/ and the reference would hold shards); launch with "
                      "configs/accelerate/ddp.yaml, with LoRA if the model is too large for one device, or use "
-                     "preftune train / sft, which run under fsdp.yaml and deepspeed_zero2.yaml")
+                     "preftune train / sft, which run under fsdp.yaml and deepspeed_zero2/3.yaml")
 
 
 def is_fsdp2(accelerator) -> bool:
@@ -227,15 +226,39 @@ def is_fsdp2(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP and getattr(plugin, "fsdp_version", 1) == 2
 
 
-# --- FSDP2: whole tensors from shards and back. Every process calls these in the same order (a gather is a
-# collective); under DDP or one process they return their input.
+# --- Whole tensors from shards and back: FSDP2 (DTensor parameters) and DeepSpeed ZeRO-3 (``ds_id`` parameters,
+# whose own data is empty outside a forward). Every process calls these in the same order (a gather is a
+# collective); under DDP, ZeRO-1/2 or one process they return their input.
 
 
+def is_zero3(tensor: Tensor) -> bool:
+    return hasattr(tensor, "ds_id")
+
+
+@torch.no_grad()
 def full_tensor(tensor: Tensor) -> Tensor:
-    """The whole tensor of an FSDP2 shard (collective), or ``tensor`` itself when it is not sharded."""
+    """The whole tensor of an FSDP2 shard or a ZeRO-3 parameter (collective), or ``tensor`` itself."""
     from torch.distributed.tensor import DTensor
 
+    if is_zero3(tensor):
+        with whole_parameters([tensor]):
+            return tensor.data.clone()
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextlib.contextmanager
+def whole_parameters(params, modify: bool = False):
+    """Inside, ZeRO-3 ``params`` hold their whole data (gathered: a collective); with ``modify`` what every
+    process wrote into them alike is partitioned back on exit. FSDP2 shards and plain tensors are left as they
+    are: a change made shard by shard is already in place."""
+    params = [p for p in params if is_zero3(p)]
+    if not params:
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    with GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
 
 
 def shard_like(whole: Tensor, like: Tensor) -> Tensor:
@@ -269,15 +292,24 @@ def resharded(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s weights are split across processes (FSDP2 or ZeRO-3): its forwards are collective."""
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(isinstance(p, DTensor) or is_zero3(p) for p in module.parameters())
 
 
-def whole_state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
-    """``module.state_dict()`` with every shard gathered into its whole tensor, on CPU (collective under FSDP2;
-    every process gets it)."""
-    return {name: full_tensor(t).detach().cpu() for name, t in module.state_dict().items()}
+def whole_state_dict(module: torch.nn.Module, masters: bool = False) -> dict[str, Tensor]:
+    """``module.state_dict()`` with every shard gathered into its whole tensor, on CPU (collective under FSDP2
+    and ZeRO-3; every process gets it). ``masters``: each DeepSpeed-managed parameter as its whole fp32 master,
+    what ``final/`` holds when DeepSpeed trains in bf16 and keeps only a bf16 working copy in the model."""
+    from .engines import full_master, is_zero_managed
+
+    whole = {name: full_tensor(t).detach().cpu() for name, t in module.state_dict(keep_vars=True).items()}
+    if masters:
+        for name, param in module.named_parameters():
+            if is_zero_managed(param):
+                whole[name] = full_master(param).detach().cpu()
+    return whole
 
 
 def start_fsdp(module: torch.nn.Module) -> None:

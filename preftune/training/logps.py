@@ -84,7 +84,7 @@ CHUNK_LOGITS = 8 * 2**20
 
 def _vocabulary(head: nn.Module) -> int:
     weight = getattr(head, "weight", None)
-    return weight.shape[0] if weight is not None else 1
+    return getattr(weight, "ds_shape", weight.shape)[0] if weight is not None else 1  # ZeRO-3: its whole shape
 
 
 def _logit_softcap(model: nn.Module) -> float | None:
@@ -138,7 +138,7 @@ def _hidden(backbone, input_ids, attention_mask, completion_mask, packing):
 def completion_logps(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, chunk_size: int = 1024,
     *, sum_sq: bool = False, reference: TokenReference | None = None, prompt_hidden: bool = False,
-    packing: str = "prefix_shared",
+    packing: str = "prefix_shared", head_stats: nn.Module | None = None,
 ) -> SequenceLogps:
     """Log-probs of the completion tokens of every row.
 
@@ -146,7 +146,8 @@ def completion_logps(
     Token t is predicted from the hidden state at t-1, so position 0 is never scored. With ``reference``
     (a frozen model sharing the tokenizer) its log-probs and the per-token KL are computed too. ``packing``
     (``prefix_shared``, ``padding_free``, ``padded``) is how the rows go through the backbone (``packing``
-    module); every mode gives the same log-probs.
+    module); every mode gives the same log-probs. ``head_stats``: a ``HeadStatistics`` module to run the LM head
+    through (``CompletionLogps`` has one), else ``head_statistics`` is called directly.
     """
     backbone, head = split_causal_lm(model)
     predicts = completion_mask[:, 1:]
@@ -159,8 +160,31 @@ def completion_logps(
     selected = hidden[where[rows, cols]]
     targets = input_ids[:, 1:][rows, cols]
     softcap = _logit_softcap(model)
-    pieces, ref_pieces = [], []
     chunk_size = max(1, min(chunk_size, CHUNK_LOGITS // _vocabulary(head)))
+    stats, ref_tokens = (head_stats or head_statistics)(head, selected, targets, chunk_size, softcap, sum_sq,
+                                                        reference, ref_selected)
+    n_rows = input_ids.shape[0]
+    out = SequenceLogps(
+        sums=_row_sums(stats[:, 0], rows, n_rows), counts=predicts.sum(dim=1), token_logps=stats[:, 0],
+        rows=rows, cols=cols + 1,
+        token_log_sum_sq=stats[:, 1] if sum_sq else None,
+        token_kl=stats[:, -1] if reference is not None else None,
+    )
+    if reference is not None:
+        out.reference_token_logps = ref_tokens
+        out.reference_sums = _row_sums(out.reference_token_logps, rows, n_rows)
+    if prompt_hidden:
+        last_prompt = completion_mask.float().argmax(dim=1) - 1  # the position predicting the first completion token
+        out.prompt_hidden = hidden[where[torch.arange(n_rows, device=hidden.device), last_prompt.clamp(min=0)]]
+    return out
+
+
+def head_statistics(head: nn.Module, selected: Tensor, targets: Tensor, chunk_size: int, softcap: float | None,
+                    sum_sq: bool, reference: TokenReference | None, ref_selected: Tensor | None
+                    ) -> tuple[Tensor, Tensor | None]:
+    """``(M, S)`` statistics of the scored positions (``_chunk_stats``), chunk by chunk, each chunk checkpointed
+    under autograd; with ``reference``, its per-token log-probs ``(M,)`` too."""
+    pieces, ref_pieces = [], []
     for start in range(0, selected.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
         ref_logprobs = None
@@ -174,21 +198,20 @@ def completion_logps(
         else:
             pieces.append(_chunk_stats(*args))
     width = 1 + sum_sq + (reference is not None)
-    stats = torch.cat(pieces) if pieces else hidden.new_zeros(0, width, dtype=torch.float32)
-    n_rows = input_ids.shape[0]
-    out = SequenceLogps(
-        sums=_row_sums(stats[:, 0], rows, n_rows), counts=predicts.sum(dim=1), token_logps=stats[:, 0],
-        rows=rows, cols=cols + 1,
-        token_log_sum_sq=stats[:, 1] if sum_sq else None,
-        token_kl=stats[:, -1] if reference is not None else None,
-    )
-    if reference is not None:
-        out.reference_token_logps = torch.cat(ref_pieces) if ref_pieces else stats.new_zeros(0)
-        out.reference_sums = _row_sums(out.reference_token_logps, rows, n_rows)
-    if prompt_hidden:
-        last_prompt = completion_mask.float().argmax(dim=1) - 1  # the position predicting the first completion token
-        out.prompt_hidden = hidden[where[torch.arange(n_rows, device=hidden.device), last_prompt.clamp(min=0)]]
-    return out
+    stats = torch.cat(pieces) if pieces else selected.new_zeros(0, width, dtype=torch.float32)
+    if reference is None:
+        return stats, None
+    return stats, torch.cat(ref_pieces) if ref_pieces else stats.new_zeros(0)
+
+
+class HeadStatistics(nn.Module):
+    """``head_statistics`` as a module of the wrapped model, so that engines that hook modules see the LM head's
+    chunks as one unit with plain tensor outputs. DeepSpeed ZeRO-3 needs it: it keeps a frozen head's gathered
+    weight through a chunk's recomputation (the checkpoint) only while the backward of an enclosing module is
+    running, and it cannot see into ``SequenceLogps``, the wrapper's own output."""
+
+    def forward(self, head, selected, targets, chunk_size, softcap, sum_sq, reference, ref_selected):
+        return head_statistics(head, selected, targets, chunk_size, softcap, sum_sq, reference, ref_selected)
 
 
 def _row_sums(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
@@ -206,6 +229,7 @@ class CompletionLogps(nn.Module):
         self.chunk_size = chunk_size
         self.value_head = value_head
         self.packing = packing
+        self.head_stats = HeadStatistics()
 
     # What accelerate's FSDP2 preparation looks up on the module it shards, so that the embedding and the
     # final norm + LM head become units of their own, as they do for a bare Hugging Face model. The root then
@@ -232,7 +256,7 @@ class CompletionLogps(nn.Module):
                 reference: TokenReference | None = None) -> SequenceLogps:
         out = completion_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size,
                                sum_sq=sum_sq, reference=reference, prompt_hidden=self.value_head is not None,
-                               packing=self.packing)
+                               packing=self.packing, head_stats=self.head_stats)
         if self.value_head is not None:
             # V(x) reads the policy's features without pushing the value loss into the policy (DRO trains
             # policy and value with separate gradients, Richemond et al. 2024, Eq. 10)

@@ -44,7 +44,13 @@ from .distributed import (
     start_fsdp,
     whole_state_dict,
 )
-from .engines import configure_deepspeed, is_deepspeed, master_state_dict, zero_record, zero_stage
+from .engines import (
+    configure_deepspeed,
+    is_deepspeed,
+    loading_whole,
+    zero_record,
+    zero_stage,
+)
 from .fingerprint import check_same_run
 from .metrics import MeanAccumulator, MetricsWriter, finite, read_metrics
 from .schedule import BatchSchedule, Shard
@@ -162,9 +168,10 @@ class Loop:
         self.sharded, self.deepspeed = is_fsdp2(accelerator), is_deepspeed(accelerator)
         if self.deepspeed:
             configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
-            log.info("DeepSpeed ZeRO-%d over %d processes: each holds the model and 1/%d of the fp32 masters, "
-                     "gradients and optimizer state",
-                     zero_stage(accelerator), accelerator.num_processes, accelerator.num_processes)
+            if zero_stage(accelerator) < 3:
+                log.info("DeepSpeed ZeRO-%d over %d processes: each holds the model and 1/%d of the fp32 masters, "
+                         "gradients and optimizer state",
+                         zero_stage(accelerator), accelerator.num_processes, accelerator.num_processes)
         world = accelerator.num_processes
         self.schedule = BatchSchedule(task.num_examples, config.batch_size * world, config.gradient_accumulation_steps,
                                       config.seed, accelerator.process_index, world)
@@ -181,6 +188,10 @@ class Loop:
             local = sum(p.to_local().numel() for p in self.module.parameters())
             log.info("sharded with FSDP2 over %d processes: process 0 holds %d of %d weights", world, local,
                      sum(p.numel() for p in self.module.parameters()))
+        elif self.deepspeed and zero_stage(accelerator) == 3:
+            local = sum(p.ds_tensor.numel() for p in self.module.parameters())
+            log.info("DeepSpeed ZeRO-3 over %d processes: weights, gradients and optimizer state split; process 0 "
+                     "holds %d of %d weights", world, local, sum(p.ds_numel for p in self.module.parameters()))
         task.attach(self.module, accelerator, self.progress)
 
     def progress(self, iterable, total, desc):
@@ -315,9 +326,10 @@ class Loop:
             if self.sharded:
                 whole = whole_state_dict(self.module)
             elif self.deepspeed:  # the fp32 masters, not DeepSpeed's working copy
-                whole = master_state_dict(self.accelerator.unwrap_model(self.module))
-            if self.ranks.main:
-                final_dir = self.task.export(self.accelerator.unwrap_model(self.module), history, whole)
+                whole = whole_state_dict(self.accelerator.unwrap_model(self.module), masters=True)
+            if self.ranks.main:  # alone: whatever it loads (a base to merge into) is loaded whole
+                with loading_whole() if self.deepspeed else contextlib.nullcontext():
+                    final_dir = self.task.export(self.accelerator.unwrap_model(self.module), history, whole)
             self.ranks.barrier()  # final/ is in place when any process returns
         return TrainResult(self.run_dir, final_dir, final_step, eval_before, eval_after, history,
                            interrupted=interrupted)

@@ -17,6 +17,7 @@ from .. import modeling
 from ..config import Config, save_config, to_dict
 from ..data import Collator, TokenizedSplits, content_hash, read_splits, tokenize_splits
 from .distributed import RowGather, collate_shard, is_fsdp2, is_main_process, reduce_across, shard_frozen
+from .engines import prepare_frozen, zero3_launch
 from .export import export_final
 from .fingerprint import model_identity, settings
 from .logps import CompletionLogps
@@ -83,6 +84,10 @@ class PreferenceTask:
         if separate and is_fsdp2(accelerator):  # sharded like the policy, not held whole by every process
             reference.model = shard_frozen(accelerator, reference.model)
             log.info("reference model sharded with FSDP2 like the policy")
+        elif separate and zero3_launch(accelerator):  # split like the policy; each use is one engine forward
+            reference.runner = prepare_frozen(accelerator, CompletionLogps(reference.model, reference.chunk_size,
+                                                                           packing=reference.packing))
+            log.info("reference model split with DeepSpeed ZeRO-3 like the policy")
         elif config.training.precision == "bf16" and separate:
             store_frozen_linears_in_bf16(reference.model)  # a frozen copy: autocast would round it at every use
         if config.reference.sync_steps:
@@ -207,15 +212,19 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
                              "FSDP2 (torch 2.13) that nested use of the same sharded units crashes in the backward. "
                              "Launch with configs/accelerate/ddp.yaml, or train without LoRA (the reference is then "
                              "a sharded copy), or give reference.name_or_path")
-        if config.model.quantization and is_fsdp2(accelerator):
-            raise ValueError("model.quantization (QLoRA) under FSDP is not supported: the quantized base would need "
+        if zero3_launch(accelerator) and objective.needs_live_reference:
+            raise ValueError(f"objective {objective.name!r} reads the reference token by token inside the policy's "
+                             "forward, which preftune does not run under DeepSpeed ZeRO-3; launch with "
+                             "configs/accelerate/fsdp.yaml (weights sharded the same way) or deepspeed_zero2.yaml")
+        if config.model.quantization and (is_fsdp2(accelerator) or zero3_launch(accelerator)):
+            raise ValueError("model.quantization (QLoRA) under FSDP or ZeRO-3 is not supported: the quantized base would need "
                              "bitsandbytes' float quant_storage to be sharded; launch with configs/accelerate/ddp.yaml "
                              "(QLoRA keeps a 7B model on one device)")
         tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         data = tokenize_splits(config, splits, tokenizer, run_dir if main else None)
         policy = modeling.place(modeling.load_policy(config), accelerator.device)
         # LoRA's frozen base: stored as autocast would use it (not under FSDP2, whose units gather one dtype)
-        if config.training.precision == "bf16" and not is_fsdp2(accelerator):
+        if config.training.precision == "bf16" and not (is_fsdp2(accelerator) or zero3_launch(accelerator)):
             store_frozen_linears_in_bf16(policy)
         trainable, total = modeling.count_parameters(policy)
         log.info("policy: %s%s, %d of %d parameters trainable", config.model.name_or_path,

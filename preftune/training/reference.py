@@ -21,7 +21,16 @@ from torch import Tensor, nn
 from .. import modeling
 from ..config import Config
 from ..data import Collator, TokenizedExample, content_hash, row_layout
-from .distributed import Ranks, collate_shard, full_tensor, is_sharded, main_decides, resharded
+from .distributed import (
+    Ranks,
+    collate_shard,
+    full_tensor,
+    is_sharded,
+    is_zero3,
+    main_decides,
+    resharded,
+    whole_parameters,
+)
 from .logps import TokenReference, completion_logps
 from .schedule import sequential_batches, shards
 from .step import is_stand_in
@@ -36,16 +45,20 @@ class ModelReference:
     def __init__(self, model: nn.Module, chunk_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
                  packing: str = "prefix_shared"):
         self.model, self.chunk_size, self.autocast, self.packing = model, chunk_size, autocast, packing
+        # under DeepSpeed ZeRO-3: the engine over ``CompletionLogps(model)`` that runs each use (``engines``)
+        self.runner: nn.Module | None = None
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Tensor:
         with self.autocast():
+            if self.runner is not None:
+                return self.runner(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).sums
             out = completion_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                    self.chunk_size, packing=self.packing)
         return out.sums
 
     def release(self) -> None:
-        self.model = None
+        self.model = self.runner = None
 
     def token_level(self) -> TokenReference:
         """This reference seen position by position (token-level objectives)."""
@@ -86,19 +99,21 @@ class AdapterSwapReference(ModelReference):
 
     def __init__(self, model: nn.Module, chunk_size: int, autocast, packing: str = "prefix_shared"):
         super().__init__(model, chunk_size, autocast, packing)
-        self.adapter = {name: p.detach().clone() for name, p in lora_parameters(model).items()}
+        # held as the parameters are (FSDP2 shards), or whole where they are ZeRO-3 partitions
+        self.adapter = {name: (full_tensor(p) if is_zero3(p) else p.detach()).clone()
+                        for name, p in lora_parameters(model).items()}
 
     @contextlib.contextmanager
     def swapped(self):
         params = lora_parameters(self.model)
-        saved = {name: p.detach().clone() for name, p in params.items()}
-        with torch.no_grad():
+        with torch.no_grad(), whole_parameters(params.values(), modify=True):  # ZeRO-3: gathered, then split again
+            saved = {name: p.detach().clone() for name, p in params.items()}
             for name, p in params.items():
                 p.copy_(self.adapter[name])
         try:
             yield
         finally:
-            with torch.no_grad():
+            with torch.no_grad(), whole_parameters(params.values(), modify=True):
                 for name, p in params.items():
                     p.copy_(saved[name])
 
@@ -137,14 +152,14 @@ class CachedReference:
 def weights_digest(model: nn.Module, adapter: dict[str, Tensor] | None = None) -> str:
     """sha256 of every weight the reference computes with: the model's without its LoRA weights (they are
     off), plus the ``adapter`` tensors swapped in, if any. FSDP2 shards are gathered first (every process
-    calls this), so the key is the one a single process computes."""
+    calls this), so the key is the one a single process computes. So are ZeRO-3 partitions."""
     digest = hashlib.sha256()
-    tensors = {name: t for name, t in model.state_dict().items() if "lora_" not in name}
+    tensors = {name: t for name, t in model.state_dict(keep_vars=True).items() if "lora_" not in name}
     tensors.update({f"adapter/{name}": t for name, t in (adapter or {}).items()})
     for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(full_tensor(tensor.detach()).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(full_tensor(tensor).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -213,6 +228,9 @@ def build_reference(config: Config, objective, policy: nn.Module, autocast) -> M
         return AdapterSwapReference(policy, chunk, autocast, packing)
     if config.lora.enabled:
         return AdapterOffReference(policy, chunk, autocast, packing)
+    if any(is_zero3(p) for p in policy.parameters()):  # loaded already split (ZeRO-3 init): load it again, split
+        model = modeling.load_frozen(config.model.name_or_path, config.model, precision=config.training.precision)
+        return ModelReference(modeling.place(model, next(policy.parameters()).device), chunk, autocast, packing)
     return ModelReference(modeling.frozen_copy(policy), chunk, autocast, packing)
 
 

@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from .distributed import resharded, shard_like
+from .distributed import resharded, shard_like, whole_parameters
 from .reference import AdapterSwapReference, ModelReference, lora_parameters
 
 log = logging.getLogger("preftune")
@@ -34,32 +34,39 @@ class SyncingAdapterReference(AdapterSwapReference):
     @torch.no_grad()
     def sync(self, policy: nn.Module, alpha: float) -> None:
         for name, p in lora_parameters(policy).items():
-            self.adapter[name].mul_(1 - alpha).add_(p.detach(), alpha=alpha)
+            with whole_parameters([p]):  # ZeRO-3: the adapter is held whole
+                self.adapter[name].mul_(1 - alpha).add_(p.detach(), alpha=alpha)
 
 
 class CopySyncReference(ModelReference):
     """A frozen copy of the policy that is mixed towards it at each sync."""
 
-    def state(self) -> dict[str, Tensor]:
-        return {name: p.detach() for name, p in resharded(self.model).named_parameters()}
+    def state(self) -> dict[str, Tensor]:  # the parameters themselves: checkpoints gather them whole
+        return dict(resharded(self.model).named_parameters())
 
     def load_state(self, tensors: dict[str, Tensor]) -> None:
         with torch.no_grad():
             for name, p in resharded(self.model).named_parameters():
-                p.copy_(shard_like(tensors[name], p))
+                with whole_parameters([p], modify=True):
+                    p.copy_(shard_like(tensors[name], p))
 
     @torch.no_grad()
     def sync(self, policy: nn.Module, alpha: float) -> None:
+        """Parameter by parameter: FSDP2 shard by shard (policy and reference are cut alike), ZeRO-3 gathered."""
         reference = dict(resharded(self.model).named_parameters())
         for name, p in resharded(policy).named_parameters():
-            if name not in reference or reference[name].shape != p.shape:
+            mine = reference.get(name)
+            if mine is None or getattr(mine, "ds_shape", mine.shape) != getattr(p, "ds_shape", p.shape):
                 raise ValueError(f"TR-DPO mixes the policy into the reference, but parameter {name} does not "
                                  "match: the reference must be a copy of the starting model")
-            reference[name].mul_(1 - alpha).add_(p.detach().to(reference[name].dtype), alpha=alpha)
+            with whole_parameters([p]), whole_parameters([mine], modify=True):
+                mine.mul_(1 - alpha).add_(p.detach().to(mine.dtype), alpha=alpha)
 
 
 def syncing_reference(reference: ModelReference, lora: bool) -> ModelReference:
     """Turn the live reference built for training into one that TR-DPO can update."""
     if lora:
         return SyncingAdapterReference(reference.model, reference.chunk_size, reference.autocast)
-    return CopySyncReference(reference.model, reference.chunk_size, reference.autocast)
+    syncing = CopySyncReference(reference.model, reference.chunk_size, reference.autocast)
+    syncing.runner = reference.runner
+    return syncing

@@ -240,15 +240,14 @@ def test_a_sharding_set_up_that_came_up_as_plain_processes_is_refused(engine, mo
         refuse_unsupported_engines(plain, fsdp_ok=True, deepspeed_ok=True)
 
 
-def test_deepspeed_zero3_is_refused_with_what_to_use():
-    """ZeRO-3 partitions the weights, which preftune gathers for FSDP2 only: stopped before preparing."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_gets_the_runs_batch_and_clipping(stage):
+    """DeepSpeed sees one micro-batch of training.batch_size per process, no accumulation of its own (preftune
+    marks the boundary) and training.max_grad_norm as its clipping, under ZeRO-2 and ZeRO-3 alike."""
     from preftune.training.engines import configure_deepspeed
 
-    plugin = type("Plugin", (), {"zero_stage": 3, "deepspeed_config": {}})()
+    plugin = type("Plugin", (), {"zero_stage": stage, "deepspeed_config": {}})()
     launched = type("Launched", (), {"num_processes": 2, "state": type("State", (), {"deepspeed_plugin": plugin})()})()
-    with pytest.raises(ValueError, match="ZeRO-3, which preftune does not train under.*configs/accelerate/fsdp.yaml"):
-        configure_deepspeed(launched, batch_size=2, max_grad_norm=1.0)
-    plugin.zero_stage = 2
     configure_deepspeed(launched, batch_size=2, max_grad_norm=0.5)
     assert plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                                        "train_batch_size": 4, "gradient_clipping": 0.5}

@@ -176,8 +176,26 @@ def test_fsdp_refuses_a_token_level_objective_on_the_adapter_off_policy(dpo_reci
     assert not loaded
 
 
-def deepspeed_launch(*args: str) -> list[str]:
-    return accelerate_launch(*args, config="deepspeed_zero2.yaml")
+def test_zero3_refuses_a_token_level_objective(dpo_recipe, tmp_path, monkeypatch):
+    """TDPO reads the reference token by token inside the policy's forward, outside the reference engine's own
+    forward, which DeepSpeed ZeRO-3 keeps its bookkeeping in: stopped before the model loads, with what to
+    launch instead. Checked in this process with the run's accelerator seen as ZeRO-3."""
+    from preftune.config import config_from_dict
+    from preftune.training import preference, train
+
+    raw = copy.deepcopy(dpo_recipe)
+    raw["objective"] = {"name": "tdpo", "beta": 0.1}
+    raw["training"].update(output_dir=str(tmp_path / "run"), max_steps=1)
+    monkeypatch.setattr(preference, "zero3_launch", lambda accelerator: True)
+    loaded = []
+    monkeypatch.setattr(preference.modeling, "load_policy", lambda config: loaded.append(config))
+    with pytest.raises(ValueError, match="'tdpo' reads the reference token by token.*ZeRO-3.*fsdp.yaml"):
+        train(config_from_dict(raw))
+    assert not loaded
+
+
+def deepspeed_launch(*args: str, config: str | Path = "deepspeed_zero2.yaml") -> list[str]:
+    return accelerate_launch(*args, config=config)
 
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -185,37 +203,64 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 
 @needs_deepspeed
-def test_deepspeed_zero2_with_accumulation_killed_then_resumed_equals_one_process(dpo_recipe, tmp_path):
-    """DeepSpeed ZeRO-2, TR-DPO (the reference copy follows the policy every step), 2 processes x 2 pairs x
-    accumulation 2 against 1 process x 4 pairs x 2: preftune marks the step's last micro-batch as DeepSpeed's
-    boundary (DeepSpeed reduces, clips and steps inside that backward). SIGKILL of the whole job after
-    checkpoint 2, then the same command: each process reloads its own optimizer partition and the moved
-    reference; the curve after the resume, held-out metrics, grad norms, learning rates and final weights
-    equal the one-process run straight through. Resuming under another launch is refused."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_with_accumulation_killed_then_resumed_equals_one_process(dpo_recipe, tmp_path, stage):
+    """DeepSpeed ZeRO-2 and ZeRO-3 (the shipped set-ups), TR-DPO (the reference copy follows the policy every
+    step), 2 processes x 2 pairs x accumulation 2 against 1 process x 4 pairs x 2: preftune marks the step's
+    last micro-batch as DeepSpeed's boundary (DeepSpeed reduces, clips and steps inside that backward).
+    Under ZeRO-3 the policy is loaded already split (transformers under DeepSpeed's ``zero.Init``) and the
+    reference copy is loaded and split the same way (process 0 holds half of each: checked in the log); TR-DPO mixes them parameter by
+    parameter, gathered. SIGKILL of the whole job after checkpoint 2, then the same command: each process
+    reloads its own optimizer partition and the moved reference; the curve after the resume, held-out
+    metrics, grad norms, learning rates and final weights equal the one-process run straight through.
+    Resuming under another launch is refused."""
     raw = copy.deepcopy(dpo_recipe)
     raw["reference"] = {"sync_steps": 1, "sync_alpha": 0.5, "cache_dir": str(tmp_path / "cache")}
     raw["training"].update(output_dir=str(tmp_path / "two"), max_steps=4, save_steps=1, gradient_accumulation_steps=2)
-    command = deepspeed_launch("train", str(recipe(tmp_path, raw, "tr_dpo")))
+    command = deepspeed_launch("train", str(recipe(tmp_path, raw, "tr_dpo")), config=f"deepspeed_zero{stage}.yaml")
     kill_after_checkpoint(command, tmp_path / "two", "step-00000002", tmp_path)
     launch(command, tmp_path)
     log = (tmp_path / "two" / "train.log").read_text()
-    assert "DeepSpeed ZeRO-2 over 2 processes" in log and "resumed from" in log
+    assert f"DeepSpeed ZeRO-{stage} over 2 processes" in log and "resumed from" in log
+    if stage == 3:
+        assert "process 0 holds 94368 of 188736 weights" in log and "reference model split with DeepSpeed" in log
     checkpoint = tmp_path / "two" / "checkpoints" / "step-00000004"
     assert {p.name for p in checkpoint.glob("optimizer*.json")} == {"optimizer-rank0.json", "optimizer-rank1.json"}
     single = one_process(raw, tmp_path / "one")
     resumed = [r for r in read_metrics(tmp_path / "two") if r["step"] > 2 or "eval/loss" in r]
     assert_same_rows([r for r in single if r["step"] > 2 or "eval/loss" in r], resumed)
     assert_same_weights(tmp_path / "one", tmp_path / "two")
-    with pytest.raises(CheckpointError, match="DeepSpeed ZeRO-2 on 2 processes.*same launch"):
+    moved = (load_file(str(tmp_path / run / "checkpoints" / "step-00000004" / "objective_state.safetensors"))
+             for run in ("one", "two"))
+    for (key, a), b in zip(*(sorted(m.items()) for m in moved), strict=True):  # the reference, moved 4 times
+        torch.testing.assert_close(b[1], a, rtol=0, atol=TOLERANCE, msg=key)
+    with pytest.raises(CheckpointError, match=f"DeepSpeed ZeRO-{stage} on 2 processes.*same launch"):
         module = CompletionLogps(AutoModelForCausalLM.from_pretrained(raw["model"]["name_or_path"]), 1024)
         optimizer = torch.optim.AdamW(module.parameters())
         load_checkpoint(checkpoint, module, optimizer, get_scheduler("linear", optimizer, 0, 4))
 
 
 @needs_deepspeed
-def test_deepspeed_zero2_lora_with_precompute_equals_one_process(dpo_recipe, tmp_path):
-    """Under DeepSpeed ZeRO-2, 2 processes x 2 pairs against 1 process x 4 pairs, 3 steps: LoRA with the
-    adapter-off reference precomputed (cache written once). Curve, held-out metrics and adapter equal."""
-    changes = {"lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-               "reference": {"precompute": True}}
-    variant_equals_one_process(dpo_recipe, changes, tmp_path, deepspeed_launch, steps=3)
+def test_deepspeed_zero3_lora_with_precompute_and_samples_equals_one_process(dpo_recipe, tmp_path):
+    """DeepSpeed ZeRO-3 with LoRA: the reference is the split policy with adapters off, precomputed with stand-in batches in step (17 pairs:
+    the last global batch holds one); greedy samples at each evaluation come from both processes' collective
+    forwards. 2 processes x 2 pairs against 1 process x 4 pairs, 3 steps: curve, held-out metrics, samples,
+    the cached reference table and the merged ``final/`` (from the gathered adapter) equal."""
+    raw = copy.deepcopy(dpo_recipe)
+    raw["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "save": "merged"}
+    raw["reference"] = {"precompute": True, "cache_dir": str(tmp_path / "cache-two")}
+    raw["training"].update(output_dir=str(tmp_path / "two"), max_steps=3, save_steps=None, eval_steps=2,
+                           sample_prompts=2, sample_max_new_tokens=6, learning_rate=1e-2)
+    launch(deepspeed_launch("train", str(recipe(tmp_path, raw, "lora")), config="deepspeed_zero3.yaml"), tmp_path)
+    assert "reference log-probs precomputed" in (tmp_path / "two" / "train.log").read_text()
+    raw["reference"]["cache_dir"] = str(tmp_path / "cache-one")
+    single = one_process(raw, tmp_path / "one")
+    assert_same_rows(single, read_metrics(tmp_path / "two"))
+    samples = [(tmp_path / run / "samples.jsonl").read_text(encoding="utf-8") for run in ("one", "two")]
+    assert samples[0] == samples[1] and samples[0].count("\n") == 6  # 2 prompts at steps 0, 2, 3
+    tables = [sorted(p.name for p in (tmp_path / name).iterdir()) for name in ("cache-one", "cache-two")]
+    assert tables[0] == tables[1] and len(tables[0]) == 2  # same keys: the weights digest gathers the partitions
+    for name in tables[0]:
+        a, b = (load_file(str(tmp_path / d / name))["reference_logps"] for d in ("cache-one", "cache-two"))
+        torch.testing.assert_close(b, a, rtol=TOLERANCE, atol=TOLERANCE, equal_nan=True)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
