@@ -99,8 +99,18 @@ def filter_logits(logits: Tensor, settings: DecodeSettings) -> Tensor:
 def _choose(logits: Tensor, settings: DecodeSettings, generator: torch.Generator | None) -> Tensor:
     if settings.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits.float(), settings).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return draw(filter_logits(logits.float(), settings).softmax(dim=-1), generator)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One index per row of ``probs`` (R, V), drawn with probability ``probs[r, v]``, by inverting each row's
+    cumulative distribution (in float64) at one uniform number. ``torch.multinomial`` draws an exponential
+    variate for every entry instead: for 32 rows over SmolLM2's 49,152 tokens that took 47 ms a step on this
+    CPU, a tenth of a decode step. An entry of probability 0 (filtered out) is never drawn."""
+    cdf = probs.double().cumsum(dim=-1)
+    point = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    index = torch.searchsorted(cdf, point * cdf[:, -1:], right=True)
+    return index.clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
