@@ -8,7 +8,14 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from preftune.feedback import decode as decode_module
-from preftune.feedback.decode import DecodeSettings, chunked_head, decode, decode_supported, draw, filter_logits
+from preftune.feedback.decode import (
+    DecodeSettings,
+    chunked_head,
+    decode,
+    decode_supported,
+    draw,
+    filter_logits,
+)
 from preftune.feedback.sampling import HFSampler, SamplingConfig
 from preftune.testing import tiny_llama
 
