@@ -304,12 +304,8 @@ def whole_state_dict(module: torch.nn.Module, masters: bool = False) -> dict[str
     what ``final/`` holds when DeepSpeed trains in bf16 and keeps only a bf16 working copy in the model."""
     from .engines import full_master, is_zero_managed
 
-    whole = {name: full_tensor(t).detach().cpu() for name, t in module.state_dict(keep_vars=True).items()}
-    if masters:
-        for name, param in module.named_parameters():
-            if is_zero_managed(param):
-                whole[name] = full_master(param).detach().cpu()
-    return whole
+    return {name: (full_master(t) if masters and is_zero_managed(t) else full_tensor(t)).detach().cpu()
+            for name, t in module.state_dict(keep_vars=True).items()}
 
 
 def start_fsdp(module: torch.nn.Module) -> None:

@@ -138,10 +138,10 @@ def is_zero_managed(param: torch.Tensor) -> bool:
 
 def full_master(param: torch.Tensor) -> torch.Tensor:
     """The whole fp32 master weight of a ZeRO-managed parameter (a collective), else the parameter itself."""
-    if hasattr(param, "_z3_optimizer") and param.requires_grad:  # ZeRO-3
-        return param._z3_optimizer.get_full_hp_param(param).view(param.ds_shape)
-    if not hasattr(param, "_hp_mapping"):
+    if not is_zero_managed(param):
         return param
+    if hasattr(param, "_z3_optimizer"):  # ZeRO-3
+        return param._z3_optimizer.get_full_hp_param(param).view(param.ds_shape)
     from deepspeed.utils import safe_get_full_fp32_param
 
     return safe_get_full_fp32_param(param)

@@ -217,9 +217,9 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
                              "forward, which preftune does not run under DeepSpeed ZeRO-3; launch with "
                              "configs/accelerate/fsdp.yaml (weights sharded the same way) or deepspeed_zero2.yaml")
         if config.model.quantization and (is_fsdp2(accelerator) or zero3_launch(accelerator)):
-            raise ValueError("model.quantization (QLoRA) under FSDP or ZeRO-3 is not supported: the quantized base would need "
-                             "bitsandbytes' float quant_storage to be sharded; launch with configs/accelerate/ddp.yaml "
-                             "(QLoRA keeps a 7B model on one device)")
+            raise ValueError("model.quantization (QLoRA) under FSDP or ZeRO-3 is not supported: the quantized base "
+                             "would need bitsandbytes' float quant_storage to be sharded; launch with "
+                             "configs/accelerate/ddp.yaml (QLoRA keeps a 7B model on one device)")
         tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         data = tokenize_splits(config, splits, tokenizer, run_dir if main else None)
         policy = modeling.place(modeling.load_policy(config), accelerator.device)

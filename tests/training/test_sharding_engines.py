@@ -157,39 +157,33 @@ def test_fsdp_variants_equal_one_process(dpo_recipe, tmp_path, variant):
     variant_equals_one_process(dpo_recipe, FSDP_VARIANTS[variant], tmp_path, fsdp_launch, steps=2)
 
 
-def test_fsdp_refuses_a_token_level_objective_on_the_adapter_off_policy(dpo_recipe, tmp_path, monkeypatch):
-    """TDPO with LoRA under FSDP2 reads the adapter-off policy inside the policy's own forward, which crashed
-    with a segmentation fault in torch 2.13's FSDP2 backward (2 processes, gloo): stopped before the model
-    loads, with what to do instead. Checked in this process with the run's accelerator seen as FSDP2."""
+TOKEN_LEVEL_REFUSALS = {
+    # TDPO with LoRA under FSDP2 reads the adapter-off policy inside the policy's own forward, which crashed with
+    # a segmentation fault in torch 2.13's FSDP2 backward (2 processes, gloo)
+    "fsdp_lora": ("is_fsdp2", {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                  "'tdpo' reads the reference token by token.*configs/accelerate/ddp.yaml"),
+    # under ZeRO-3 it reads the split reference outside that engine's own forward, where DeepSpeed keeps its
+    # bookkeeping
+    "zero3": ("zero3_launch", {"enabled": False}, "'tdpo' reads the reference token by token.*ZeRO-3.*fsdp.yaml"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKEN_LEVEL_REFUSALS))
+def test_a_token_level_objective_is_refused_where_its_reference_cannot_run(dpo_recipe, tmp_path, monkeypatch, case):
+    """TDPO with LoRA under FSDP2, and TDPO under DeepSpeed ZeRO-3: stopped before the model loads, with what
+    to launch instead. Checked in this process with the run's accelerator seen as that engine."""
     from preftune.config import config_from_dict
     from preftune.training import preference, train
 
+    engine_check, lora, message = TOKEN_LEVEL_REFUSALS[case]
     raw = copy.deepcopy(dpo_recipe)
     raw["objective"] = {"name": "tdpo", "beta": 0.1}
-    raw["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    raw["lora"] = lora
     raw["training"].update(output_dir=str(tmp_path / "run"), max_steps=1)
-    monkeypatch.setattr(preference, "is_fsdp2", lambda accelerator: True)
+    monkeypatch.setattr(preference, engine_check, lambda accelerator: True)
     loaded = []
     monkeypatch.setattr(preference.modeling, "load_policy", lambda config: loaded.append(config))
-    with pytest.raises(ValueError, match="'tdpo' reads the reference token by token.*configs/accelerate/ddp.yaml"):
-        train(config_from_dict(raw))
-    assert not loaded
-
-
-def test_zero3_refuses_a_token_level_objective(dpo_recipe, tmp_path, monkeypatch):
-    """TDPO reads the reference token by token inside the policy's forward, outside the reference engine's own
-    forward, which DeepSpeed ZeRO-3 keeps its bookkeeping in: stopped before the model loads, with what to
-    launch instead. Checked in this process with the run's accelerator seen as ZeRO-3."""
-    from preftune.config import config_from_dict
-    from preftune.training import preference, train
-
-    raw = copy.deepcopy(dpo_recipe)
-    raw["objective"] = {"name": "tdpo", "beta": 0.1}
-    raw["training"].update(output_dir=str(tmp_path / "run"), max_steps=1)
-    monkeypatch.setattr(preference, "zero3_launch", lambda accelerator: True)
-    loaded = []
-    monkeypatch.setattr(preference.modeling, "load_policy", lambda config: loaded.append(config))
-    with pytest.raises(ValueError, match="'tdpo' reads the reference token by token.*ZeRO-3.*fsdp.yaml"):
+    with pytest.raises(ValueError, match=message):
         train(config_from_dict(raw))
     assert not loaded
 
