@@ -168,10 +168,6 @@ class Loop:
         self.sharded, self.deepspeed = is_fsdp2(accelerator), is_deepspeed(accelerator)
         if self.deepspeed:
             configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
-            if zero_stage(accelerator) < 3:
-                log.info("DeepSpeed ZeRO-%d over %d processes: each holds the model and 1/%d of the fp32 masters, "
-                         "gradients and optimizer state",
-                         zero_stage(accelerator), accelerator.num_processes, accelerator.num_processes)
         world = accelerator.num_processes
         self.schedule = BatchSchedule(task.num_examples, config.batch_size * world, config.gradient_accumulation_steps,
                                       config.seed, accelerator.process_index, world)
@@ -192,6 +188,9 @@ class Loop:
             local = sum(p.ds_tensor.numel() for p in self.module.parameters())
             log.info("DeepSpeed ZeRO-3 over %d processes: weights, gradients and optimizer state split; process 0 "
                      "holds %d of %d weights", world, local, sum(p.ds_numel for p in self.module.parameters()))
+        elif self.deepspeed:
+            log.info("DeepSpeed ZeRO-%d over %d processes: each holds the model and 1/%d of the fp32 masters, "
+                     "gradients and optimizer state", zero_stage(accelerator), world, world)
         task.attach(self.module, accelerator, self.progress)
 
     def progress(self, iterable, total, desc):
