@@ -99,6 +99,25 @@ def test_the_head_in_slices_gives_generates_greedy_tokens_and_logits(monkeypatch
     assert calls == [model]
 
 
+def test_narrow_linears_compute_what_the_plain_linear_computes():
+    """Inside ``narrow_linears``, each of a tiny Llama's 14 projections (2 layers x 7; the head is
+    ``chunked_head``'s) gives ``F.linear``'s output to 1e-6 (the same dot products in another order) for 1, 5
+    and 16 rows (``(W @ xᵀ)ᵀ``) and 17 and 40 rows (the plain product), 2-D and 3-D, with a bias; afterwards every
+    layer has its own forward back."""
+    model = tiny_llama(seed=3)
+    layer = model.model.layers[0].mlp.up_proj
+    layer.bias = torch.nn.Parameter(torch.randn(layer.out_features))
+    inputs = [torch.randn(n, layer.in_features) for n in (1, 5, 16, 17, 40)] + [torch.randn(4, 8, layer.in_features)]
+    with torch.no_grad():
+        expected = [torch.nn.functional.linear(x, layer.weight, layer.bias) for x in inputs]
+        with decode_module.narrow_linears(model) as count:
+            got = [layer(x) for x in inputs]
+    assert count == 14 and not any("forward" in vars(m) for m in model.modules())
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape and g.is_contiguous()
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=0)
+
+
 def test_the_head_stays_whole_where_slicing_does_not_apply(monkeypatch):
     """A head narrower than two slices, or one whose forward something else set on the instance, is left as
     it is."""
@@ -132,15 +151,34 @@ def test_filter_logits_equals_transformers_warpers():
 def test_draw_follows_the_probabilities_and_never_draws_a_filtered_token():
     """Inverting each row's cumulative distribution at a uniform number: over 40,000 draws of the rows
     [0.5, 0, 0.3, 0.2] and [0, 0, 0, 1] (unnormalised: ×2), each frequency is within 4 standard errors of its
-    probability (binomial: sqrt(p(1-p)/n) <= 0.0025); the zero entries are never drawn; the same generator
-    seed gives the same draws."""
+    probability (binomial: sqrt(p(1-p)/n) <= 0.0025); the zero entries are never drawn; the same points give
+    the same draws."""
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 2.0]]).repeat(20_000, 1)
-    first = draw(probs, torch.Generator().manual_seed(7))
-    assert torch.equal(first, draw(probs, torch.Generator().manual_seed(7)))
+    points = torch.rand(40_000, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    first = draw(probs, points)
+    assert torch.equal(first, draw(probs, points.clone()))
     counts = torch.bincount(first[0::2], minlength=4).double() / 20_000
     assert counts[1] == 0 and torch.equal(first[1::2], torch.full((20_000,), 3))
     for got, p in zip(counts.tolist(), [0.5, 0.0, 0.3, 0.2], strict=True):
         assert abs(got - p) <= 4 * (p * (1 - p) / 20_000) ** 0.5 + 1e-12
+
+
+def test_draw_picks_the_entry_one_cumulative_sum_over_the_row_picks():
+    """The two-level search against the plain inverse CDF (one float64 cumulative sum over the whole row):
+    the same index for 64 rows x 50 points over 1,000 entries (not a multiple of the block), with a
+    third of the entries filtered to 0 and one row whose only mass sits in the last, partial block."""
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.randn(64, 1000, generator=gen).mul(4).softmax(-1)
+    probs[torch.rand(64, 1000, generator=gen) < 0.33] = 0.0
+    probs[0] = 0.0
+    probs[0, 990] = 0.25
+    for _ in range(50):
+        points = torch.rand(64, generator=gen, dtype=torch.float64)
+        cdf = probs.double().cumsum(-1)
+        expected = torch.searchsorted(cdf, points[:, None] * cdf[:, -1:], right=True).squeeze(1)
+        got = draw(probs, points)
+        assert torch.equal(got, expected) and bool((probs.gather(1, got[:, None]) > 0).all())
+    assert torch.equal(draw(probs[:1], torch.tensor([1 - 2**-53], dtype=torch.float64)), torch.tensor([990]))
 
 
 def test_sampling_is_a_function_of_the_seed():
