@@ -11,7 +11,11 @@
 - On a CPU a wide LM head (a vocabulary of tens of thousands) is multiplied in slices of ``HEAD_CHUNK``
   output rows (``chunked_head``): the same dot products, each slice's weights staying in cache. With 32 rows
   decoding SmolLM2's 49,152 x 576 head this measured 1.4-1.6x faster than one product (the head is a fifth
-  of a decode step's matmul work there).
+  of a decode step's matmul work there). A linear fed at most ``NARROW_ROWS`` rows (the tail of a decode,
+  once most rows have stopped) computes ``(W @ xᵀ)ᵀ`` (``narrow_linears``): a step that reads every weight
+  for a handful of rows is bound by how fast the weights stream through the product.
+- A token is drawn by inverting its row's cumulative distribution at one uniform number, searched block by
+  block (``draw``), where ``torch.multinomial`` draws an exponential variate for every vocabulary entry.
 
 Greedy decoding gives ``generate``'s tokens (a row's tokens depend only on its own prompt under a causal
 mask; tests check it token for token). Sampling draws from a ``torch.Generator`` seeded per batch by the
