@@ -108,8 +108,9 @@ def draw(probs: Tensor, points: Tensor) -> Tensor:
     cumulative distribution (in float64) at ``points[r]``, a uniform number in [0, 1).
 
     The search has two levels: the block of ``DRAW_BLOCK`` entries holding the point (cumulative sums of the
-    block totals), then the entry inside that block. It picks the entry a cumulative sum over the whole row
-    picks, with one float64 conversion and cumulative sum of a block per row instead of the whole vocabulary:
+    block totals), then the entry inside that block. It picks the entry one cumulative sum over the whole row
+    picks (up to the rounding of float64 sums of the same terms taken in another order), with the float64
+    conversion and cumulative sum of one block per row instead of the whole vocabulary:
     for 32 rows over SmolLM2's 49,152 tokens, 1.2 ms against 18 ms. (``torch.multinomial`` draws an
     exponential variate for every entry: 47 ms.) An entry of probability 0 is never drawn: the point is kept
     below each level's total, so it falls in a block, then an entry, whose cumulative sum grows there."""
