@@ -144,7 +144,8 @@ def _narrow_product(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk: 
     ``chunk`` weight rows if given). Each output is the same dot product; MKL then takes the weight as the
     left operand and streams it, where ``hidden @ weightᵀ`` first repacks the whole weight: with a handful
     of rows, a decode step is bound by reading the weights (SmolLM2-135M, 4 rows: 137 against 172 ms a step).
-    The result is made contiguous (a few KB) so the next elementwise kernels see the usual layout."""
+    The result is made contiguous (a copy of the output, small next to the weight) so the next elementwise
+    kernels see the usual layout."""
     rows = hidden.reshape(-1, hidden.shape[-1]).t()
     if chunk is None:
         out = torch.mm(weight, rows)
@@ -195,8 +196,9 @@ def chunked_head(model: nn.Module) -> Iterator[bool]:
 
 @contextlib.contextmanager
 def narrow_linears(model: nn.Module) -> Iterator[int]:
-    """While inside, every plain CPU ``nn.Linear`` of ``model`` but its head (``chunked_head`` has that one)
-    multiplies inputs of at most ``NARROW_ROWS`` rows with ``_narrow_product``; yields how many layers."""
+    """While inside, every plain CPU ``nn.Linear`` of ``model`` but its output head (a wide one is
+    ``chunked_head``'s) multiplies inputs of at most ``NARROW_ROWS`` rows with ``_narrow_product``; yields how
+    many layers."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers = [m for m in model.modules() if m is not head and _plain_cpu_linear(m)]
 
