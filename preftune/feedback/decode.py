@@ -121,7 +121,7 @@ def draw(probs: Tensor, points: Tensor) -> Tensor:
     target = points[:, None].to(ends) * ends[:, -1:]
     target = torch.minimum(target, torch.nextafter(ends[:, -1:], torch.zeros_like(target)))
     block = torch.searchsorted(ends, target, right=True)
-    within = target - torch.where(block > 0, ends.gather(1, (block - 1).clamp(min=0)), 0.0)
+    within = target - F.pad(ends, (1, 0)).gather(1, block)  # minus the cumulative sum before the block
     inner = padded[torch.arange(rows, device=probs.device), block.squeeze(1)].double().cumsum(-1)
     within = torch.minimum(within, torch.nextafter(inner[:, -1:], torch.zeros_like(within)))
     entry = torch.searchsorted(inner, within, right=True)
@@ -169,12 +169,16 @@ def _plain_cpu_linear(module: nn.Module) -> bool:
             and "forward" not in vars(module) and not hasattr(weight, "ds_id"))
 
 
+def _output_head(model: nn.Module) -> nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 @contextlib.contextmanager
 def chunked_head(model: nn.Module) -> Iterator[bool]:
     """While inside, ``model``'s LM head (a plain ``nn.Linear`` on a CPU with at least two slices of
     ``HEAD_CHUNK`` outputs) computes its logits slice by slice; yields whether it does. Whatever the model
     does after its head (scaling, soft-capping) is untouched: only the head's own forward changes."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_head(model)
     if head is None or not _plain_cpu_linear(head) or head.out_features < 2 * HEAD_CHUNK:
         yield False
         return
@@ -199,7 +203,7 @@ def narrow_linears(model: nn.Module) -> Iterator[int]:
     """While inside, every plain CPU ``nn.Linear`` of ``model`` but its output head (a wide one is
     ``chunked_head``'s) multiplies inputs of at most ``NARROW_ROWS`` rows with ``_narrow_product``; yields how
     many layers."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_head(model)
     layers = [m for m in model.modules() if m is not head and _plain_cpu_linear(m)]
 
     def narrow(layer: nn.Linear):
