@@ -176,7 +176,24 @@ def load_causal_lm(name_or_path: str, model_cfg: ModelConfig, keep_dropout: bool
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
+    if model_cfg.quantization:
+        keep_4bit_layers_trainable(model)
     return model
+
+
+def keep_4bit_layers_trainable(model: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU inference repacking in every 4-bit layer of ``model``; returns how many.
+
+    On a CPU with AVX-512-BF16, bitsandbytes repacks a 4-bit layer's weight, in place and for good, the first
+    time the layer runs in eval mode on an input that needs no gradient (a reference forward, an evaluation, a
+    sampling round). From then on that layer multiplies with an inference kernel that computes in bf16
+    whatever its compute dtype, and passes no gradient back to its input, so LoRA adapters upstream of it stop
+    training without a word (a QLoRA DPO run's adapters never moved). With the repacking off, every call
+    dequantizes and multiplies in the compute dtype, as on every other CPU."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def add_lora(model: nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:

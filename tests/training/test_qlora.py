@@ -45,12 +45,19 @@ def runs(tiny_model_dir, pairs_file, tmp_path_factory):
 
 
 def independent_nf4(model_dir):
-    """The tiny model quantized by transformers + bitsandbytes directly, with QLoRA's settings."""
+    """The tiny model quantized by transformers + bitsandbytes directly, with QLoRA's settings. Its layers
+    compute in fp32 as asked: on an AVX-512-BF16 CPU bitsandbytes would otherwise switch a layer to its
+    bf16 inference kernel at its first no-grad call in eval mode (preftune turns that off in its models too:
+    ``modeling.keep_4bit_layers_trainable``)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     settings = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=settings, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=settings, device_map="cpu")
+    for layer in model.modules():
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    return model
 
 
 def test_qlora_dpo_trains_against_the_adapter_off_quantized_base(runs, tiny_model_dir):
@@ -199,3 +206,24 @@ def test_bf16_storage_leaves_quantized_layers_alone(tiny_model_dir):
             assert module.weight.dtype == quantized[name].dtype == torch.uint8
             assert torch.equal(module.weight, quantized[name])
     assert head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
+
+
+def test_4bit_layers_still_pass_gradients_after_a_no_grad_eval_forward(tiny_model_dir):
+    """On a CPU with AVX-512-BF16, bitsandbytes repacks a 4-bit layer for its inference kernel the first time
+    the layer runs in eval mode without gradients (as a reference forward does); that kernel passes no
+    gradient back. preftune's loaded models have the repacking off in all 14 quantized projections (2 layers
+    x 7), so after such a forward q_proj's input gradient is still the one of y = x Wᵀ with W its dequantized
+    weight: d Σy / dx = the column sums of W, for every row of x."""
+    import bitsandbytes.functional as bnb
+
+    model = modeling.load_causal_lm(str(tiny_model_dir), ModelConfig(quantization="4bit")).eval()
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(layers) == 14 and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+    x = torch.randn(3, 64, requires_grad=True)
+    layer(x).sum().backward()
+    weight = bnb.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(3, -1), atol=1e-5, rtol=1e-5)
