@@ -25,6 +25,7 @@ flash-attention, older architectures) keep the padded forward; so does a batch t
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 
@@ -128,6 +129,29 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, shared_prefix: Tensor |
                        where.to(device), shared)
 
 
+def _block_inputs(blocks: list[Block], query: Tensor, key: Tensor, value: Tensor):
+    """Each block's (queries, keys, values) out of (1, H, L, D) packed states. The sequence is split once into
+    the blocks' query spans (they tile it in order), and a block's keys are pieces of those spans: a later
+    row's prefix lies at the start of its group's first span. Under autograd a split's backward is one
+    concatenation of the pieces' gradients, where a slice per block would allocate and add a zero gradient
+    the size of the whole sequence, for every block of every layer."""
+    starts = [block.query[0] for block in blocks]
+    sizes = [block.query[1] - block.query[0] for block in blocks]
+    queries, keys, values = (states.split(sizes, dim=2) for states in (query, key, value))
+
+    def piece(parts: tuple[Tensor, ...], span: tuple[int, int]) -> Tensor:
+        j = bisect.bisect_right(starts, span[0]) - 1
+        low, high = span[0] - starts[j], span[1] - starts[j]
+        return parts[j] if (low, high) == (0, sizes[j]) else parts[j][:, :, low:high]
+
+    for i, block in enumerate(blocks):
+        if block.causal:
+            yield queries[i], keys[i], values[i]
+        else:
+            yield (queries[i], torch.cat([piece(keys, span) for span in block.keys], dim=2),
+                   torch.cat([piece(values, span) for span in block.keys], dim=2))
+
+
 def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout=0.0,
                       scaling=None, preftune_packed: PackedBatch | None = None, sliding_window=None, **kwargs):
     """sdpa, group by group over (1, H, L, D) packed states (see the module docstring); without a packed
@@ -140,15 +164,11 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
         raise ValueError("packed attention does not support attention soft-capping or sinks; set training.packing=padded")
     outputs = []
-    for block in preftune_packed.blocks:
-        if block.causal:
-            keys, values = key[:, :, slice(*block.query)], value[:, :, slice(*block.query)]
-        else:
-            keys = torch.cat([key[:, :, slice(*span)] for span in block.keys], dim=2)
-            values = torch.cat([value[:, :, slice(*span)] for span in block.keys], dim=2)
+    blocks = preftune_packed.blocks
+    for block, (queries, keys, values) in zip(blocks, _block_inputs(blocks, query, key, value), strict=True):
         mask = block.mask(sliding_window)
-        out, _ = sdpa_attention_forward(module, query[:, :, slice(*block.query)], keys, values, mask,
-                                        dropout=dropout, scaling=scaling, is_causal=mask is None)
+        out, _ = sdpa_attention_forward(module, queries, keys, values, mask, dropout=dropout, scaling=scaling,
+                                        is_causal=mask is None)
         outputs.append(out)
     return torch.cat(outputs, dim=1), None
 

@@ -8,7 +8,8 @@ accumulation. Two things make that fast or slow on a given machine:
   call, forward and backward, and held in fp32 meanwhile. Under bf16 they are stored in bf16 once
   (``store_frozen_linears_in_bf16``): the same numbers reach the matmuls (autocast would round them to bf16
   anyway), with half the memory and no casts. Only ``nn.Linear`` weights qualify: an embedding (possibly
-  tied to the LM head) or a norm weight is read in fp32 by autocast, so it keeps its dtype.
+  tied to the LM head) or a norm weight is read in fp32 by autocast, so it keeps its dtype; the log-prob
+  path casts a frozen head tied to the embedding once per forward (``logps._chunk_head``).
 - **CPUs without bf16 matrix units** (no AVX-512-BF16 / AMX: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``
   is false, e.g. AVX2-only x86) run PyTorch's bf16 matmuls in a generic kernel measured 5-40x slower than the
   fp32 one. There, ``emulated_bf16_matmuls`` computes each matmul-class op as a native bf16 kernel does

@@ -7,10 +7,12 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from preftune.config import LoraConfig
 from preftune.modeling import add_lora
 from preftune.testing import tiny_llama
+from preftune.training import logps
 from preftune.training.logps import completion_logps
 from preftune.training.precision import (
     EmulatedBf16Matmuls,
@@ -106,3 +108,43 @@ def test_frozen_linears_in_bf16_give_bitwise_the_same_autocast_logps(tied):
 
 def layer_grad(model):
     return model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight.grad
+
+
+class _CastsOf(TorchDispatchMode):
+    """Counts the dtype conversions (``aten._to_copy``) of fp32 tensors of one shape."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+            self.count += args[0].dtype == torch.float32
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_frozen_head_tied_to_the_embeddings_is_cast_to_bf16_once_per_forward(monkeypatch):
+    """LoRA on a tiny Llama whose LM head is its frozen fp32 embedding (tied, so it stays fp32), 3 positions per
+    chunk: 4 rows x 8 scored positions = 32 positions, ceil(32 / 3) = 11 chunks. Autocast alone casts the
+    512 x 64 head weight at each chunk's forward and again at its recomputation in backward: 22 casts. preftune
+    casts it once for the call, and the log-probs and LoRA gradients are bitwise the same."""
+    base = tiny_llama(seed=0)
+    base.config.tie_word_embeddings = True
+    base.lm_head.weight = base.model.embed_tokens.weight
+    model = add_lora(base, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    ids, attention, completion = _batch()
+    results = {}
+    for name in ("per chunk", "once"):
+        if name == "per chunk":  # what autocast does with the head itself
+            monkeypatch.setattr(logps, "_chunk_head", lambda head, device: head)
+        else:
+            monkeypatch.undo()
+        model.zero_grad(set_to_none=True)
+        with _CastsOf((512, 64)) as casts:
+            with torch.autocast("cpu", dtype=BF16):
+                out = completion_logps(model, ids, attention, completion, chunk_size=3)
+            out.sums.sum().backward()
+        results[name] = casts.count, out.token_logps.detach(), layer_grad(model).clone()
+    (chunked, logps_a, grad_a), (once, logps_b, grad_b) = results["per chunk"], results["once"]
+    assert (chunked, once) == (22, 1)
+    assert torch.equal(logps_a, logps_b) and torch.equal(grad_a, grad_b)
