@@ -47,16 +47,14 @@ def runs(tiny_model_dir, pairs_file, tmp_path_factory):
 def independent_nf4(model_dir):
     """The tiny model quantized by transformers + bitsandbytes directly, with QLoRA's settings. Its layers
     compute in fp32 as asked: on an AVX-512-BF16 CPU bitsandbytes would otherwise switch a layer to its
-    bf16 inference kernel at its first no-grad call in eval mode (preftune turns that off in its models too:
-    ``modeling.keep_4bit_layers_trainable``)."""
+    bf16 inference kernel at its first no-grad call in eval mode (``modeling.keep_4bit_layers_trainable``
+    turns that off, as in preftune's own models)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     settings = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=settings, device_map="cpu")
-    for layer in model.modules():
-        if hasattr(layer, "support_avx512bf16_for_cpu"):
-            layer.support_avx512bf16_for_cpu = False
+    modeling.keep_4bit_layers_trainable(model)
     return model
 
 
