@@ -80,8 +80,11 @@ def fraction_of_peak(smollm2: dict | None, threads: int) -> dict | None:
 
 
 def profile_step(pairs: int = 2) -> None:
-    """One forward + backward of SmolLM2 with LoRA on ``pairs`` demo pairs, bf16 autocast, three ways: PyTorch's
-    own bf16 kernels, bf16 kernels emulated on fp32 units, and fp32; wall time and the top operators."""
+    """One forward + backward of SmolLM2 with LoRA on ``pairs`` demo pairs, bf16 autocast, four ways: PyTorch's
+    own bf16 kernels, attention emulated on fp32 units (preftune's choice with AVX-512-BF16 and no AMX), every
+    bf16 kernel emulated (its choice without bf16 units), and fp32; wall time and the top operators."""
+    import contextlib
+
     import torch
     from torch.profiler import profile
     from workloads import LORA_TARGETS, SMOLLM2
@@ -90,9 +93,10 @@ def profile_step(pairs: int = 2) -> None:
     from preftune.config import LoraConfig, ModelConfig
     from preftune.training.logps import completion_logps
     from preftune.training.precision import (
+        EmulatedBf16Attention,
         EmulatedBf16Matmuls,
+        prepare_for_bf16,
         restore_frozen_linears,
-        store_frozen_linears_in_bf16,
     )
 
     torch.manual_seed(0)
@@ -102,26 +106,22 @@ def profile_step(pairs: int = 2) -> None:
     ids[pairs:, :40] = ids[:pairs, :40]  # chosen and rejected share the 40-token prompt
     model = modeling.add_lora(modeling.load_causal_lm(SMOLLM2, ModelConfig()),
                               LoraConfig(enabled=True, r=16, alpha=32, target_modules=LORA_TARGETS))
-    store_frozen_linears_in_bf16(model)
-    for name, bf16, emulate in (("native bf16 kernels", True, False), ("emulated bf16 kernels", True, True),
-                                ("fp32", False, False)):
-        mode = EmulatedBf16Matmuls() if emulate else None
+    prepare_for_bf16(model)
+    ways = (("native bf16 kernels", True, contextlib.nullcontext),
+            ("bf16 attention emulated", True, EmulatedBf16Attention),
+            ("every bf16 kernel emulated", True, EmulatedBf16Matmuls), ("fp32", False, contextlib.nullcontext))
+    for name, bf16, kernels in ways:
         if not bf16:  # fp32 throughout: the frozen weights back in fp32 (no autocast to meet bf16 ones)
             restore_frozen_linears(model, torch.float32)
         with profile() as prof:
             began = time.perf_counter()
-            if mode:
-                mode.__enter__()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = completion_logps(model, ids, attention, completion)
-            out.sums.sum().backward()
-            if mode:
-                mode.__exit__(None, None, None)
+            with kernels():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = completion_logps(model, ids, attention, completion)
+                out.sums.sum().backward()
             elapsed = time.perf_counter() - began
         print(f"\n== {name}: {elapsed:.2f} s forward + backward ==")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
-        if not bf16:
-            break
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from ..training.distributed import is_main_process, reduce_across
 from ..training.fingerprint import model_identity, settings
 from ..training.loop import Loop, run_log
 from ..training.metrics import MeanAccumulator, tracker_names
-from ..training.precision import bf16_compute, restore_frozen_linears, store_frozen_linears_in_bf16
+from ..training.precision import bf16_compute, prepare_for_bf16, restore_frozen_linears
 from ..training.schedule import sequential_batches, shards
 from .data import (
     Group,
@@ -317,7 +317,7 @@ def train_reward(config: RewardConfig) -> RewardResult:
         accelerator = modeling.make_accelerator(t.precision, tracker_names(t), run_dir)
         model = build_model(config, t.seed).to(accelerator.device)
         if t.precision == "bf16" and config.lora.enabled:  # LoRA's base: stored as autocast would use it
-            store_frozen_linears_in_bf16(model.backbone)
+            prepare_for_bf16(model.backbone)
         tokenizer = load_reward_tokenizer(resolve_backbone(config.model.name_or_path), config.model.trust_remote_code)
         model.meta.chat_template = resolved_chat_template(config.data, splits.train + splits.eval, tokenizer)
         texts, train, held_out = build_groups(splits, tokenizer, model.meta)

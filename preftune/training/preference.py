@@ -23,7 +23,7 @@ from .fingerprint import model_identity, settings
 from .logps import CompletionLogps
 from .loop import Loop, TrainResult, run_log
 from .metrics import MeanAccumulator, add_batch_statistics, tracker_names
-from .precision import bf16_compute, restore_frozen_linears, store_frozen_linears_in_bf16
+from .precision import bf16_compute, prepare_for_bf16, restore_frozen_linears
 from .reference import build_reference, precompute_reference
 from .samples import generate_samples, sample_prompts
 from .schedule import Shard, sequential_batches, shards
@@ -89,7 +89,7 @@ class PreferenceTask:
                                                                            packing=reference.packing))
             log.info("reference model split with DeepSpeed ZeRO-3 like the policy")
         elif config.training.precision == "bf16" and separate:
-            store_frozen_linears_in_bf16(reference.model)  # a frozen copy: autocast would round it at every use
+            prepare_for_bf16(reference.model)  # a frozen copy: autocast would round it at every use
         if config.reference.sync_steps:
             if reference is None:
                 raise ValueError(f"reference.sync_steps (TR-DPO) needs an objective with a reference; "
@@ -223,9 +223,10 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
         tokenizer = modeling.load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
         data = tokenize_splits(config, splits, tokenizer, run_dir if main else None)
         policy = modeling.place(modeling.load_policy(config), accelerator.device)
-        # LoRA's frozen base: stored as autocast would use it (not under FSDP2, whose units gather one dtype)
+        # frozen weights stored as autocast would use them, one bf16 copy of each activation (precision.py);
+        # not under FSDP2 or ZeRO-3, whose units gather one dtype
         if config.training.precision == "bf16" and not (is_fsdp2(accelerator) or zero3_launch(accelerator)):
-            store_frozen_linears_in_bf16(policy)
+            prepare_for_bf16(policy)
         trainable, total = modeling.count_parameters(policy)
         log.info("policy: %s%s, %d of %d parameters trainable", config.model.name_or_path,
                  f" ({config.model.quantization} quantized)" if config.model.quantization else "", trainable, total)

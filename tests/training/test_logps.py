@@ -61,16 +61,58 @@ def test_gradients_equal_the_full_logits_gradients(batch):
 
 def test_large_vocabularies_get_shorter_chunks(batch, monkeypatch):
     """CHUNK_LOGITS caps a chunk's logits: with room for 3 rows of the 512-token vocabulary, chunks of 4096
-    positions become chunks of 3, and the sums still equal the full-logits ones."""
+    positions become chunks of 3, and the sums still equal the full-logits ones (the general path, asked
+    for log Σ p² too, and the plain head's path)."""
     from preftune.training import logps
 
     ids, attention, completion = batch
     model = tiny_llama(seed=0)
-    sizes = []
-    original = logps._chunk_stats
+    sizes = {"general": [], "plain head": []}
+    chunk_stats, head_chunks = logps._chunk_stats, logps._head_chunks
+
+    def recorded_chunks(inputs, *args):
+        for part, logprobs in head_chunks(inputs, *args):
+            sizes["plain head"].append(part.stop - part.start)
+            yield part, logprobs
+
     monkeypatch.setattr(logps, "CHUNK_LOGITS", 3 * 512)
-    monkeypatch.setattr(logps, "_chunk_stats", lambda head, hidden, *a: sizes.append(len(hidden)) or original(head, hidden, *a))
-    out = completion_logps(model, ids, attention, completion, chunk_size=4096)
+    monkeypatch.setattr(logps, "_chunk_stats",
+                        lambda head, hidden, *a: sizes["general"].append(len(hidden)) or chunk_stats(head, hidden, *a))
+    monkeypatch.setattr(logps, "_head_chunks", recorded_chunks)
     target = full_logprobs(model, ids, attention).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    torch.testing.assert_close(out.sums, (target * completion[:, 1:]).sum(1), atol=1e-5, rtol=0)
-    assert max(sizes) == 3 and sum(sizes) == int(completion[:, 1:].sum())
+    for sum_sq in (True, False):
+        out = completion_logps(model, ids, attention, completion, chunk_size=4096, sum_sq=sum_sq)
+        torch.testing.assert_close(out.sums, (target * completion[:, 1:]).sum(1), atol=1e-5, rtol=0)
+    for name in sizes:
+        assert max(sizes[name]) == 3 and sum(sizes[name]) == int(completion[:, 1:].sum()), name
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+@pytest.mark.parametrize("head", ["frozen", "frozen with bias", "trainable with bias"])
+def test_a_plain_head_gives_the_full_logits_values_and_gradients(batch, chunk, head, monkeypatch):
+    """A plain linear LM head asked for log-probs only goes through ``HeadLogprobs``: its two reused buffers
+    and hand-written backward give the full-logits log-probs and every gradient (the head's own, bias
+    included, when it trains), for chunks of one row, a last chunk that is partial (7) and one chunk. The
+    general chunk path is never entered."""
+    from preftune.training import logps
+
+    ids, attention, completion = batch
+    model = tiny_llama(seed=0)
+    if "bias" in head:
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(512, generator=torch.Generator().manual_seed(3)))
+    if head.startswith("frozen"):
+        model.lm_head.requires_grad_(False)
+    monkeypatch.setattr(logps, "_chunk_stats", lambda *a: pytest.fail("the general path ran"))
+    out = completion_logps(model, ids, attention, completion, chunk_size=chunk)
+    out.sums.sum().backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    mask = completion[:, 1:]
+    target = full_logprobs(model, ids, attention).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    (target * mask).sum().backward()
+    torch.testing.assert_close(out.token_logps, target[mask].detach(), atol=1e-5, rtol=0)
+    trains_head = not head.startswith("frozen")
+    assert {"lm_head.weight", "lm_head.bias"} & fused.keys() == ({"lm_head.weight", "lm_head.bias"} if trains_head else set())
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(fused[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
