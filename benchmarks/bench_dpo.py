@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import peak_rss_mb, run_worker, system_info  # noqa: E402
+from common import flop_counter, peak_rss_mb, run_worker, system_info  # noqa: E402
 from workloads import BF16_STEPS, BF16_WARMUP, LORA_TARGETS, WORKLOADS, Workload, prepare  # noqa: E402
 
 BETA, LEARNING_RATE, MAX_LENGTH = 0.1, 1e-5, 1200
@@ -41,8 +41,6 @@ def _summary(step_ends: list[float], step_tokens: list[int], warmup: int) -> dic
 
 
 def run_preftune(args, workdir: Path, workload: Workload) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from preftune import training
     from preftune.config import config_from_dict
     from preftune.training import loop as loop_module
@@ -52,7 +50,7 @@ def run_preftune(args, workdir: Path, workload: Workload) -> dict:
 
     def timed(self, step, stats):  # the loop's own step, timed at its end; one warm-up step counts FLOPs
         if step == 0:
-            counter = FlopCounterMode(display=False)
+            counter = flop_counter()
             with counter:
                 tokens = original(self, step, stats)
             flops.update(step=counter.get_total_flops(), tokens=tokens)
@@ -127,9 +125,7 @@ def run_trl(args, workdir: Path, workload: Workload) -> dict:
     def counted_step(*step_args, **step_kwargs):  # the first (warm-up) step's FLOPs: reference, forward, backward
         if flops:
             return original_step(*step_args, **step_kwargs)
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             out = original_step(*step_args, **step_kwargs)
         flops["step"] = counter.get_total_flops()

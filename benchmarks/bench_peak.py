@@ -5,8 +5,9 @@
 
 How FLOPs are counted: ``torch.utils.flop_counter.FlopCounterMode`` over one whole optimizer step of the
 preftune SmolLM2 run (the reference's forward, the policy's forward and backward: every matrix product
-and attention kernel, 2 FLOPs per multiply-add, nothing for elementwise ops), divided by that step's
-tokens; the achieved rate is that per-token count times the measured tokens per second. The peak is the
+and attention kernel, 2 FLOPs per multiply-add, nothing for elementwise ops; PyTorch's counter has no
+formula for the CPU attention kernels, ``common.flop_counter`` adds one that counts the (query, key) pairs
+the causal structure or mask lets through), divided by that step's tokens; the achieved rate is that per-token count times the measured tokens per second. The peak is the
 best of several large square GEMMs (up to 2048^3) in the dtype the step's matmul kernels actually run in: bf16
 where the CPU has bf16 matrix units, fp32 where preftune emulates bf16 kernels on fp32 units
 (``preftune/training/precision.py``). Both peaks are reported.

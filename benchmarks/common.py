@@ -20,6 +20,50 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _attended_pairs(query, key, is_causal: bool, attn_mask) -> int:
+    """(query, key) pairs that take part in an attention call, per batch row and head: those its mask allows (True, or
+    a finite additive bias; averaged over a mask's batch and head dimensions), the lower triangle if causal
+    (top-left aligned, as PyTorch's kernels are), else all of them."""
+    s_q, s_k = query.shape[-2], key.shape[-2]
+    if attn_mask is not None:
+        allowed = attn_mask if attn_mask.dtype == _torch().bool else attn_mask.isfinite()
+        return round(int(allowed.sum()) * s_q * s_k / attn_mask.numel())
+    if is_causal:
+        return sum(min(i + 1, s_k) for i in range(s_q))
+    return s_q * s_k
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def flop_counter():
+    """``FlopCounterMode`` that also counts PyTorch's CPU flash attention, which its table leaves out (it knows
+    only the GPU kernels). Per (query, key) pair that takes part, batch row and query head: 2 products of
+    head-dim multiply-adds forward, 5 backward (the scores are recomputed), 2 FLOPs each. The pairs are those
+    the causal structure or the mask lets through (``_attended_pairs``), not the dense square PyTorch's GPU
+    formulas count: useful work, whatever the kernel spends on masked entries."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def forward(query, key, value, dropout_p=0.0, is_causal=False, attn_mask=None, *args, out_val=None, **kwargs):
+        b, h, _, d = query.shape
+        return 2 * 2 * b * h * _attended_pairs(query, key, is_causal, attn_mask) * d
+
+    def backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, attn_mask=None,
+                 *args, out_val=None, **kwargs):
+        b, h, _, d = query.shape
+        return 5 * 2 * b * h * _attended_pairs(query, key, is_causal, attn_mask) * d
+
+    forward._get_raw = backward._get_raw = True
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+
 def trl_available() -> bool:
     return importlib.util.find_spec("trl") is not None
 

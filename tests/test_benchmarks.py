@@ -38,3 +38,29 @@ def test_a_merged_subset_replaces_its_rows_and_keeps_the_others():
     text = run_all.table(out)
     assert "| smollm2-lora | bf16 | 12.00 | 24.00 |" in text
     assert "Rerun since (2026-12-02 09:00 UTC, 20 min): peak, smollm2-lora, load average 1.5" in text
+
+
+def test_the_flop_counter_counts_cpu_attention_by_the_pairs_it_computes():
+    """PyTorch's FlopCounterMode has no formula for the CPU flash-attention kernels; the benchmarks' counter
+    adds one. Batch 1, 2 heads, head dim 8, 4 queries and 4 keys: causal, 4 + 3 + 2 + 1 = 10 pairs, so the
+    forward is 2 products x 2 FLOPs x 2 heads x 10 pairs x 8 = 640 and the backward 5 products, 1,600; a
+    boolean mask letting 5 of the 16 pairs through: 320 forward; no mask and not causal: 16 pairs, 1,024."""
+    import torch
+    from common import flop_counter
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0, 0] = True
+    mask[1, :2] = True
+    mask[3, 2:4] = True
+    counts = []
+    for kwargs in ({"is_causal": True}, {"attn_mask": mask}, {}):
+        with flop_counter() as counter:
+            sdpa(q, k, v, **kwargs)
+        counts.append(counter.get_total_flops())
+    assert counts == [640, 320, 1024]
+    with flop_counter() as counter:
+        sdpa(q, k, v, is_causal=True).sum().backward()
+    assert counter.get_total_flops() == 640 + 1600

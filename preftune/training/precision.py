@@ -63,7 +63,8 @@ def native_bf16_matmul(device: torch.device | str) -> bool:
 
 def amx(device: torch.device | str) -> bool:
     """Whether ``device`` is a CPU with AMX tiles (PyTorch's bf16 attention kernels run on them)."""
-    return torch.device(device).type == "cpu" and bool(torch.cpu._is_amx_tile_supported())
+    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # not in every PyTorch release
+    return torch.device(device).type == "cpu" and supported is not None and bool(supported())
 
 
 _aten = torch.ops.aten
