@@ -71,9 +71,9 @@ def test_large_vocabularies_get_shorter_chunks(batch, monkeypatch):
     chunk_stats, head_chunks = logps._chunk_stats, logps._head_chunks
 
     def recorded_chunks(inputs, *args):
-        for part, logprobs in head_chunks(inputs, *args):
+        for part, logits, logprobs in head_chunks(inputs, *args):
             sizes["plain head"].append(part.stop - part.start)
-            yield part, logprobs
+            yield part, logits, logprobs
 
     monkeypatch.setattr(logps, "CHUNK_LOGITS", 3 * 512)
     monkeypatch.setattr(logps, "_chunk_stats",
