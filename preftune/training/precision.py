@@ -257,11 +257,21 @@ def prepare_for_bf16(model: nn.Module) -> int:
     return moved
 
 
+def bf16_kernels(precision: str, device: torch.device | str) -> str:
+    """Which kernels ``bf16_compute`` runs a ``precision`` run's products with on ``device``: ``native``,
+    ``fp32 attention`` (AVX-512-BF16 without AMX) or ``emulated`` (no bf16 units). Their numbers differ in the
+    last bits, so whatever caches computed values (the reference log-probs) keys on this."""
+    if precision != "bf16" or torch.device(device).type != "cpu" or amx(device):
+        return "native"
+    return "fp32 attention" if native_bf16_matmul(device) else "emulated"
+
+
+_EMULATION = {"native": contextlib.nullcontext, "fp32 attention": EmulatedBf16Attention,
+              "emulated": EmulatedBf16Matmuls}
+
+
 @contextlib.contextmanager
 def bf16_compute(precision: str, device: torch.device | str) -> Iterator[None]:
     """What bf16 needs on ``device`` for everything run inside (see the module docstring); nothing for fp32."""
-    if precision != "bf16" or torch.device(device).type != "cpu" or amx(device):
-        yield
-        return
-    with EmulatedBf16Attention() if native_bf16_matmul(device) else EmulatedBf16Matmuls():
+    with _EMULATION[bf16_kernels(precision, device)]():
         yield

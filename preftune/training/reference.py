@@ -32,6 +32,7 @@ from .distributed import (
     whole_parameters,
 )
 from .logps import TokenReference, completion_logps
+from .precision import bf16_kernels
 from .schedule import sequential_batches, shards
 from .step import is_stand_in
 
@@ -175,7 +176,7 @@ def precompute(
     (NaN where an example has fewer completions).
 
     A table already at ``cache_file`` is reused: its key covers the reference weights, the tokenized data
-    (so tokenizer, text and truncation settings) and the precision. With several processes (``accelerator``)
+    (so tokenizer, text and truncation settings), the precision and the kernels that compute it. With several processes (``accelerator``)
     each computes the rows of its share of ``batches`` (``Shard`` batches), the tables are summed across
     processes, and the main process alone writes the file while the others wait.
     """
@@ -240,8 +241,9 @@ def precompute_reference(
 ) -> CachedReference:
     """Reference log-probs of a whole split, cached on disk under a hash of everything they depend on;
     each process of ``accelerator`` computes its share of every batch (``eval_batch_size`` per process)."""
+    kernels = bf16_kernels(config.training.precision, accelerator.device)  # they set the last bits
     key = cache_key(reference.weights_digest(), content_hash(examples),
-                    f"{config.training.precision}|{config.model.dtype}")
+                    f"{config.training.precision}|{config.model.dtype}|{kernels}")
     cache_file = Path(config.reference.cache_dir).expanduser() / f"{key}.safetensors"
     size = max(ex.index for ex in examples) + 1
     slots = max(len(ex.completions) for ex in examples)

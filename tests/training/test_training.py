@@ -126,9 +126,12 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_curve(base_config, tm
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)
 
 
-def test_precomputed_reference_equals_live_reference_and_is_reused(base_config, other_model_dir, tmp_path):
+def test_precomputed_reference_equals_live_reference_and_is_reused(base_config, other_model_dir, tmp_path,
+                                                                   monkeypatch):
     """A reference that differs from the policy (other seed) makes step-1 losses differ from log 2; the
-    precomputed cache must give the same losses as the live model, and a second run must reuse the file."""
+    precomputed cache must give the same losses as the live model, and a second run must reuse the file.
+    A run whose products would run on other kernels (bf16 emulated on another CPU: other last bits) must not:
+    it computes and writes its own tables."""
     raw = copy.deepcopy(base_config)
     raw["reference"]["name_or_path"] = str(other_model_dir)
     live = run(raw, f"training.output_dir={tmp_path / 'live'}")
@@ -145,6 +148,12 @@ def test_precomputed_reference_equals_live_reference_and_is_reused(base_config, 
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
     log_text = (tmp_path / "again" / "train.log").read_text()
     assert "reusing cached reference log-probs" in log_text
+    from preftune.training import reference
+
+    monkeypatch.setattr(reference, "bf16_kernels", lambda precision, device: "emulated")
+    run(raw, "reference.precompute=true", f"training.output_dir={tmp_path / 'other-kernels'}")
+    assert len(list((tmp_path / "refcache").glob("*.safetensors"))) == 4
+    assert "reusing cached" not in (tmp_path / "other-kernels" / "train.log").read_text()
 
 
 def test_lora_adapter_off_reference_equals_frozen_copy(base_config, tiny_model_dir, tmp_path):
