@@ -26,17 +26,11 @@ def _attended_pairs(query, key, is_causal: bool, attn_mask) -> int:
     (top-left aligned, as PyTorch's kernels are), else all of them."""
     s_q, s_k = query.shape[-2], key.shape[-2]
     if attn_mask is not None:
-        allowed = attn_mask if attn_mask.dtype == _torch().bool else attn_mask.isfinite()
+        allowed = attn_mask.isfinite() if attn_mask.is_floating_point() else attn_mask
         return round(int(allowed.sum()) * s_q * s_k / attn_mask.numel())
     if is_causal:
         return sum(min(i + 1, s_k) for i in range(s_q))
     return s_q * s_k
-
-
-def _torch():
-    import torch
-
-    return torch
 
 
 def flop_counter():
