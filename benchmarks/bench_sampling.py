@@ -44,20 +44,24 @@ def run_preftune(workdir: Path) -> dict:
     from preftune.feedback.generate import GenerateConfig, PromptsConfig, generate
 
     counted, spans = [], []
-    original_decode, original_sample = decode_module.decode, sampling.HFSampler.sample
+    original_decode, original_stream = decode_module.decode_stream, sampling.HFSampler.stream
 
     def counting_decode(*args, **kwargs):
-        out = original_decode(*args, **kwargs)
-        counted.append(sum(len(row) for row in out))
-        return out
+        for position, rows in original_decode(*args, **kwargs):
+            counted.append(sum(len(row) for row in rows))
+            yield position, rows
 
-    def timed_sample(self, prompt_ids, indices):
-        began = time.perf_counter()
-        out = original_sample(self, prompt_ids, indices)
-        spans.append(time.perf_counter() - began)
-        return out
+    def timed_stream(self, *args):
+        inner = original_stream(self, *args)
+        while True:  # the clock runs only while the sampler works, not while generate writes the file
+            began = time.perf_counter()
+            item = next(inner, None)
+            spans.append(time.perf_counter() - began)
+            if item is None:
+                return
+            yield item
 
-    decode_module.decode, sampling.HFSampler.sample = counting_decode, timed_sample
+    decode_module.decode_stream, sampling.HFSampler.stream = counting_decode, timed_stream
     prompts = workdir / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:1]), encoding="utf-8")
     config = GenerateConfig(prompts=PromptsConfig(file=str(prompts)), backend="hf", batch_size=BATCH,

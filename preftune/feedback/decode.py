@@ -1,33 +1,35 @@
 """Batched decoding for the Hugging Face backend: what ``model.generate`` computes, with less work per token.
 
-- Each prompt is prefilled once, whatever the number of samples K: its KV cache is then repeated K times
+- Each prompt is prefilled once, whatever the number of samples K: its KV cache is then copied into K rows
   (``generate(num_return_sequences=K)`` prefills K copies).
-- The KV cache is preallocated for the whole decode and written in place (``PreallocatedLayer``), where
-  transformers' dynamic cache concatenates, copying every layer's whole cache, at every token.
-- A row that has produced a stop token leaves the batch: the cache keeps only the unfinished rows, so the
-  last long completion no longer drags the finished ones through every layer (``generate`` keeps computing
-  them and pads).
+- Continuous batching (``decode_stream``): a fixed number of rows ("slots") decode together, each its own
+  sequence at its own length in a slot KV cache (``SlotCache``: preallocated, written in place, one boolean
+  mask row per slot). When a row ends, its slot is refilled by the next prompt (prefilled, its cache copied
+  in) instead of idling until the batch's longest row ends, so a step keeps multiplying as many rows as it
+  can; once no prompt is left, ended rows leave the batch. ``generate`` pads finished rows and keeps computing
+  them, and a batch lasts as long as its longest row.
 - The per-token loop is a plain tensor loop: no logits processors, stopping criteria or output objects.
-- On a CPU a wide LM head (a vocabulary of tens of thousands) is multiplied in slices of ``HEAD_CHUNK``
-  output rows (``chunked_head``): the same dot products, each slice's weights staying in cache. With 32 rows
-  decoding SmolLM2's 49,152 x 576 head this measured 1.4-1.6x faster than one product (the head is a fifth
-  of a decode step's matmul work there). A linear fed at most ``NARROW_ROWS`` rows (the tail of a decode,
-  once most rows have stopped) computes ``(W @ xᵀ)ᵀ`` (``narrow_linears``): a step that reads every weight
-  for a handful of rows is bound by how fast the weights stream through the product.
+- On a CPU every linear layer, the LM head included, multiplies through a copy of its weight prepacked once
+  for oneDNN (``packed_linears``): a decode step multiplies a few dozen rows by every weight, which MKL's
+  plain product repacks at every call (SmolLM2-135M's shapes with 32 rows: 1.6-2.9x faster products).
 - A token is drawn by inverting its row's cumulative distribution at one uniform number, searched block by
-  block (``draw``), where ``torch.multinomial`` draws an exponential variate for every vocabulary entry.
+  block (``draw``), where ``torch.multinomial`` draws an exponential variate for every vocabulary entry;
+  temperature and ``exp`` are applied in place to the logits, and the float64 copy the search sums lives in
+  one buffer for the whole decode (fresh multi-megabyte tensors at every token cost page faults).
 
 Greedy decoding gives ``generate``'s tokens (a row's tokens depend only on its own prompt under a causal
-mask; tests check it token for token). Sampling draws from a ``torch.Generator`` seeded per batch by the
-caller, so a batch's samples are a pure function of its prompts, the settings and the seed: resumable
-batch by batch. Temperature, top-k and top-p filter the logits as transformers' warpers do (temperature,
-then top-k, then top-p, keeping at least one token).
+mask; tests check it token for token, rows refilled through one to five slots, SDPA's and the eager
+attention's masks, a sliding window). Sampling draws sample k of prompt i from the uniform numbers of a
+``torch.Generator`` seeded with the caller's seed for prompt i: a prompt's samples are a pure function of its
+prompt, the settings and its seed, whatever was decoded beside it, so a job resumes prompt by prompt.
+Temperature, top-k and top-p filter the logits as transformers' warpers do (temperature, then top-k, then
+top-p, keeping at least one token).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,9 +105,10 @@ def filter_logits(logits: Tensor, settings: DecodeSettings) -> Tensor:
 DRAW_BLOCK = 256  # vocabulary entries per block of ``draw``'s two-level search
 
 
-def draw(probs: Tensor, points: Tensor) -> Tensor:
-    """One index per row of ``probs`` (R, V), drawn with probability ``probs[r, v]``, by inverting each row's
-    cumulative distribution (in float64) at ``points[r]``, a uniform number in [0, 1).
+def draw(probs: Tensor, points: Tensor, workspace: Tensor | None = None) -> Tensor:
+    """One index per row of ``probs`` (R, V; non-negative weights, normalised or not), drawn with probability
+    ``probs[r, v] / probs[r].sum()``, by inverting each row's cumulative distribution (in float64) at
+    ``points[r]``, a uniform number in [0, 1).
 
     The search has two levels: the block of ``DRAW_BLOCK`` entries holding the point (cumulative sums of the
     block totals), then the entry inside that block. It picks the entry one cumulative sum over the whole row
@@ -113,16 +116,24 @@ def draw(probs: Tensor, points: Tensor) -> Tensor:
     conversion and cumulative sum of one block per row instead of the whole vocabulary:
     for 32 rows over SmolLM2's 49,152 tokens, 1.2 ms against 18 ms. (``torch.multinomial`` draws an
     exponential variate for every entry: 47 ms.) An entry of probability 0 is never drawn: the point is kept
-    below each level's total, so it falls in a block, then an entry, whose cumulative sum grows there."""
+    below each level's total, so it falls in a block, then an entry, whose cumulative sum grows there.
+    ``workspace``, a float64 tensor of at least R x V' entries (V rounded up to whole blocks), holds the
+    float64 copy the block totals are summed from: a decode loop passes the same one at every token instead
+    of allocating (and page-faulting) megabytes per step."""
     rows, width = probs.shape
-    padded = (F.pad(probs, (0, (-width) % DRAW_BLOCK)) if width % DRAW_BLOCK else probs).reshape(rows, -1, DRAW_BLOCK)
-    totals = padded.sum(-1, dtype=torch.float64)
-    ends = totals.cumsum(-1)
+    blocks = -(-width // DRAW_BLOCK)
+    if workspace is None:
+        workspace = probs.new_empty(rows * blocks * DRAW_BLOCK, dtype=torch.float64)
+    padded = workspace.view(-1)[: rows * blocks * DRAW_BLOCK].view(rows, blocks * DRAW_BLOCK)
+    padded[:, :width] = probs
+    padded[:, width:] = 0
+    padded = padded.view(rows, blocks, DRAW_BLOCK)
+    ends = padded.sum(-1).cumsum(-1)
     target = points[:, None].to(ends) * ends[:, -1:]
     target = torch.minimum(target, torch.nextafter(ends[:, -1:], torch.zeros_like(target)))
     block = torch.searchsorted(ends, target, right=True)
     within = target - F.pad(ends, (1, 0)).gather(1, block)  # minus the cumulative sum before the block
-    inner = padded[torch.arange(rows, device=probs.device), block.squeeze(1)].double().cumsum(-1)
+    inner = padded[torch.arange(rows, device=probs.device), block.squeeze(1)].cumsum(-1)
     within = torch.minimum(within, torch.nextafter(inner[:, -1:], torch.zeros_like(within)))
     entry = torch.searchsorted(inner, within, right=True)
     return (block * DRAW_BLOCK + entry).squeeze(1)
@@ -135,89 +146,64 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor,
     return ids, mask
 
 
-HEAD_CHUNK = 2048  # output rows of the LM head per product on a CPU (1024-4096 measured alike)
-NARROW_ROWS = 16  # up to this many input rows, a CPU linear multiplies as weight @ inputᵀ (``narrow_linears``)
-
-
-def _narrow_product(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk: int | None = None) -> Tensor:
-    """``F.linear(hidden, weight, bias)`` for a few rows, computed as ``(weight @ hiddenᵀ)ᵀ`` (by slices of
-    ``chunk`` weight rows if given). Each output is the same dot product; MKL then takes the weight as the
-    left operand and streams it, where ``hidden @ weightᵀ`` first repacks the whole weight: with a handful
-    of rows, a decode step is bound by reading the weights (SmolLM2-135M, 4 rows: 137 against 172 ms a step).
-    The result is made contiguous (a copy of the output, small next to the weight) so the next elementwise
-    kernels see the usual layout."""
-    rows = hidden.reshape(-1, hidden.shape[-1]).t()
-    if chunk is None:
-        out = torch.mm(weight, rows)
-    elif torch.is_grad_enabled() and (weight.requires_grad or rows.requires_grad):
-        out = torch.cat([torch.mm(weight[start : start + chunk], rows) for start in range(0, weight.shape[0], chunk)])
-    else:  # written in place: no copy of the whole logits
-        out = rows.new_empty(weight.shape[0], rows.shape[1])
-        for start in range(0, weight.shape[0], chunk):
-            torch.mm(weight[start : start + chunk], rows, out=out[start : start + chunk])
-    out = out.t().contiguous()
-    if bias is not None:
-        out += bias
-    return out.view(*hidden.shape[:-1], weight.shape[0])
-
-
 def _plain_cpu_linear(module: nn.Module) -> bool:
-    """A plain ``nn.Linear`` with plain CPU weights and no forward set on the instance (accelerate's or
-    DeepSpeed's hooks, a quantized or sharded layer are other classes or set their own and are left alone)."""
+    """A plain ``nn.Linear`` with plain fp32 or bf16 CPU weights and no forward set on the instance
+    (accelerate's or DeepSpeed's hooks, a quantized or sharded layer are other classes or set their own and
+    are left alone)."""
     weight = getattr(module, "weight", None)
     return (type(module) is nn.Linear and type(weight) is nn.Parameter and weight.device.type == "cpu"
-            and "forward" not in vars(module) and not hasattr(weight, "ds_id"))
+            and weight.dtype in (torch.float32, torch.bfloat16) and "forward" not in vars(module)
+            and not hasattr(weight, "ds_id"))
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
-    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-
-
-@contextlib.contextmanager
-def chunked_head(model: nn.Module) -> Iterator[bool]:
-    """While inside, ``model``'s LM head (a plain ``nn.Linear`` on a CPU with at least two slices of
-    ``HEAD_CHUNK`` outputs) computes its logits slice by slice; yields whether it does. Whatever the model
-    does after its head (scaling, soft-capping) is untouched: only the head's own forward changes."""
-    head = _output_head(model)
-    if head is None or not _plain_cpu_linear(head) or head.out_features < 2 * HEAD_CHUNK:
-        yield False
-        return
-    weight, bias = head.weight, head.bias
-
-    def forward(hidden: Tensor) -> Tensor:
-        if hidden.numel() <= NARROW_ROWS * hidden.shape[-1]:
-            return _narrow_product(hidden, weight, bias, HEAD_CHUNK)
-        return torch.cat([F.linear(hidden, weight[start : start + HEAD_CHUNK],
-                                   None if bias is None else bias[start : start + HEAD_CHUNK])
-                          for start in range(0, weight.shape[0], HEAD_CHUNK)], dim=-1)
-
-    head.forward = forward
+def _available_memory() -> int:
+    """Bytes of memory the system could still hand out (``MemAvailable``), or 0 where it cannot tell."""
     try:
-        yield True
-    finally:
-        del head.forward
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 @contextlib.contextmanager
-def narrow_linears(model: nn.Module) -> Iterator[int]:
-    """While inside, every plain CPU ``nn.Linear`` of ``model`` but its output head (a wide one is
-    ``chunked_head``'s) multiplies inputs of at most ``NARROW_ROWS`` rows with ``_narrow_product``; yields how
-    many layers."""
-    head = _output_head(model)
-    layers = [m for m in model.modules() if m is not head and _plain_cpu_linear(m)]
+def packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
+    """While inside, every plain CPU ``nn.Linear`` of ``model`` (its LM head included) multiplies through a
+    copy of its weight reordered once into oneDNN's blocked layout for about ``rows`` input rows
+    (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what ``torch.compile`` itself does
+    to frozen CPU linears); yields how many layers.
 
-    def narrow(layer: nn.Linear):
+    A decode step multiplies a few dozen rows by every weight of the model, which MKL's plain product
+    repacks on every call; from the prepacked layout the same products ran 1.6-2.9x faster (fp32, 8 and 32
+    rows, SmolLM2-135M's shapes, weights streaming from memory; 1.4x with 360 prefill rows). Each output is
+    the same dot product summed in another order (fp32: within 1e-5 relative). The copies take as much memory
+    as the weights, so layers are packed only where oneDNN is there, no gradient is wanted, and the copies
+    leave at least as much memory free again; they are dropped on leaving."""
+    layers = [m for m in model.modules() if _plain_cpu_linear(m)]
+    needed = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    if (not layers or torch.is_grad_enabled() or not torch.backends.mkldnn.is_available()
+            or 2 * needed > _available_memory()):
+        yield 0
+        return
+    mkldnn = torch.ops.mkldnn
+
+    def packed(layer: nn.Linear):
+        weight, bias = mkldnn._reorder_linear_weight(layer.weight.detach(), rows), layer.bias
         plain = nn.Linear.forward.__get__(layer)
 
         def forward(hidden: Tensor) -> Tensor:
-            if hidden.numel() <= NARROW_ROWS * hidden.shape[-1]:
-                return _narrow_product(hidden, layer.weight, layer.bias)
-            return plain(hidden)
+            if torch.is_grad_enabled():  # the packed product has no backward: a caller training meanwhile
+                return plain(hidden)
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            out = mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+            return out.view(*hidden.shape[:-1], out.shape[-1])
 
         return forward
 
     for layer in layers:
-        layer.forward = narrow(layer)
+        layer.forward = packed(layer)
     try:
         yield len(layers)
     finally:
@@ -225,65 +211,254 @@ def narrow_linears(model: nn.Module) -> Iterator[int]:
             del layer.forward
 
 
+class SlotLayer(DynamicLayer):
+    """One layer's KV cache for a fixed number of row slots, each holding its own sequence at its own length
+    (``SlotCache.lengths``): slot ``s`` keeps position ``j`` at index ``j``, whatever its neighbours do."""
+
+    def __init__(self, owner: SlotCache):
+        super().__init__()
+        self.owner = owner
+
+    def allocate(self, like: Tensor, capacity: int) -> None:
+        _, heads, _, dim = like.shape
+        # zeros, not garbage: a masked position still enters attention's products (weight 0 x a NaN is NaN)
+        self.keys = like.new_zeros(self.owner.slots, heads, capacity, dim)
+        self.values = like.new_zeros(self.owner.slots, heads, capacity, dim)
+        self.device, self.is_initialized = like.device, True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """One new position per slot (a decode step), written at that slot's length."""
+        rows, at = self.owner.step_index
+        self.keys[rows, :, at] = key_states[:, :, 0]
+        self.values[rows, :, at] = value_states[:, :, 0]
+        return self.keys[:, :, : self.owner.width], self.values[:, :, : self.owner.width]
+
+    def get_seq_length(self) -> int:
+        return self.owner.width
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self.keys, self.values = self.keys[indices], self.values[indices]
+
+
+class SlotCache(Cache):
+    """The KV cache of a continuously batched decode: ``slots`` rows, each a sequence of its own length. A
+    step writes every slot's new position at ``lengths[s]`` and attends to ``width`` = the longest slot's
+    positions, each slot through its own mask (``attention_masks``)."""
+
+    def __init__(self, layers: int, slots: int, capacity: int):
+        self.slots, self.capacity = slots, capacity
+        super().__init__(layers=[SlotLayer(self) for _ in range(layers)])
+        self.lengths = torch.zeros(slots, dtype=torch.long)  # on the CPU; a step's copy on the model's device:
+        self.step_index: tuple[Tensor, Tensor] = (torch.arange(0), torch.arange(0))  # (slot, write position)
+        self.width = 1
+
+    def fill(self, slot: int, prefill: Cache, row: int, length: int) -> None:
+        """Slot ``slot`` takes the last ``length`` positions of row ``row`` of a (left-padded) prefill cache."""
+        for layer, source in zip(self.layers, prefill.layers, strict=True):
+            if not layer.is_initialized:
+                layer.allocate(source.keys, self.capacity)
+            end = source.keys.shape[2]
+            layer.keys[slot, :, :length] = source.keys[row, :, end - length : end]
+            layer.values[slot, :, :length] = source.values[row, :, end - length : end]
+        self.lengths[slot] = length
+
+    def select(self, keep: Tensor) -> None:
+        """Only the slots ``keep`` (ascending, on the CPU) stay, renumbered 0.. in that order."""
+        for layer in self.layers:
+            layer.batch_select_indices(keep.to(layer.device))
+        self.slots, self.lengths = len(keep), self.lengths[keep]
+
+    def attention_masks(self, layer_types: set[str], window: int | None, eager_dtype: torch.dtype | None):
+        """The masks of the next step (every slot's query at position ``lengths[s]``), for the attention
+        implementation: boolean for SDPA (True attends), additive in ``eager_dtype`` for the eager one; one mask,
+        or one per layer type when the model mixes full and sliding-window layers."""
+        self.width = int(self.lengths.max()) + 1
+        kv = torch.arange(self.width)
+        query = self.lengths[:, None]
+        full = kv[None, :] <= query
+        masks = {"full_attention": full}
+        if "sliding_attention" in layer_types:  # transformers' sliding_window_overlay: kv > q - window
+            masks["sliding_attention"] = full & (kv[None, :] > query - window)
+        device = self.layers[0].device
+        self.step_index = (torch.arange(self.slots, device=device), self.lengths.to(device))
+        for kind, mask in masks.items():
+            mask = mask[:, None, None, :].to(device)
+            if eager_dtype is not None:
+                mask = torch.zeros(mask.shape, dtype=eager_dtype, device=device).masked_fill_(
+                    ~mask, torch.finfo(eager_dtype).min)
+            masks[kind] = mask
+        return masks if len(layer_types) > 1 else masks[next(iter(layer_types))]
+
+
+def _mask_kind(model: nn.Module) -> str | None:
+    """``"sdpa"`` (boolean, True attends) or ``"eager"`` (additive) for the 4-D masks the model's attention
+    takes, read from the mask function transformers has registered for its implementation (preftune's
+    packed-sequence attention, for one, registers SDPA's); None for others (flash, flex)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+    function = ALL_MASK_ATTENTION_FUNCTIONS.get(getattr(model.config, "_attn_implementation", None) or "")
+    return {sdpa_mask: "sdpa", eager_mask: "eager"}.get(function)
+
+
+def _layer_types(model: nn.Module) -> tuple[set[str], int | None]:
+    """The attention kinds of the model's layers and the sliding window: ``layer_types`` where the config has
+    them; otherwise every layer is a sliding-window one when ``sliding_window`` is set (Mistral's rule)."""
+    text = model.config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types:
+        return set(types), window
+    return ({"sliding_attention"} if window else {"full_attention"}), window
+
+
 @torch.no_grad()
 def decode(model: nn.Module, prompts: list[list[int]], settings: DecodeSettings, samples: int = 1,
-           generator: torch.Generator | None = None) -> list[list[int]]:
+           seeds: Sequence[int] | None = None, slots: int | None = None) -> list[list[int]]:
     """``samples`` completions (token ids, ending at the first stop token, which is kept) of every prompt,
-    prompt-major: completion k of prompt i is item ``i * samples + k``."""
-    with chunked_head(model), narrow_linears(model):
-        return _decode(model, prompts, settings, samples, generator)
-
-
-def _choose(logits: Tensor, settings: DecodeSettings, generator: torch.Generator | None) -> Tensor:
-    if settings.temperature == 0:
-        return logits.argmax(dim=-1)
-    points = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64, device=logits.device)
-    return draw(filter_logits(logits.float(), settings).softmax(dim=-1), points)
-
-
-def _decode(model: nn.Module, prompts: list[list[int]], settings: DecodeSettings, samples: int,
-            generator: torch.Generator | None) -> list[list[int]]:
-    device = next(model.parameters()).device
-    ids, mask = _left_padded(prompts, settings.pad_id, device)
-    layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    cache = Cache(layers=[PreallocatedLayer(ids.shape[1] + settings.max_new_tokens) for _ in range(layers)])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
-    if samples > 1:  # one prefill per prompt, then K copies of its cache
-        cache.batch_repeat_interleave(samples)
-        logits, mask = logits.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
-        positions = positions.repeat_interleave(samples, 0)
-    next_position = positions[:, -1:] + 1
-    rows = torch.arange(logits.shape[0], device=device)  # output row of each batch row
-    stops = torch.tensor(settings.stop_ids, device=device)
-    out: list[list[int]] = [[] for _ in range(logits.shape[0])]
-    for step in range(settings.max_new_tokens):
-        tokens = _choose(logits, settings, generator)
-        for row, token in zip(rows.tolist(), tokens.tolist(), strict=True):
-            out[row].append(token)
-        if step == settings.max_new_tokens - 1:
-            break
-        going = ~torch.isin(tokens, stops)
-        if not going.all():
-            if not going.any():
-                break
-            keep = going.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, tokens, mask, next_position = rows[keep], tokens[keep], mask[keep], next_position[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position, cache=cache,
-                       use_cache=True).logits[:, -1]
-        next_position = next_position + 1
+    prompt-major: completion k of prompt i is item ``i * samples + k``. See ``decode_stream``."""
+    out: list[list[int]] = [[] for _ in range(len(prompts) * samples)]
+    for i, completions in decode_stream(model, prompts, settings, samples, seeds, slots):
+        out[i * samples : (i + 1) * samples] = completions
     return out
 
 
+def decode_stream(model: nn.Module, prompts: list[list[int]], settings: DecodeSettings, samples: int = 1,
+                  seeds: Sequence[int] | None = None, slots: int | None = None) -> Iterator[tuple[int, list[list[int]]]]:
+    """``(i, the samples completions of prompt i)``, each prompt as soon as its last sample ends.
+
+    ``slots`` rows decode at once (default: all prompts' samples). A prompt enters when ``samples`` slots are
+    free: it is prefilled once, its cache copied into its slots, and its rows join the running batch; a slot
+    that ends is refilled by the next prompt, so the rows computed stay ``slots`` until the prompts run out
+    (then ended rows leave the batch). Sample k of prompt i draws its tokens from the uniform numbers of
+    ``torch.Generator().manual_seed(seeds[i])`` (default seed i), row k: a prompt's samples depend on its
+    seed only, never on the prompts decoded beside it, the slots, or the order."""
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"decode: {len(seeds)} seeds for {len(prompts)} prompts")
+    if not prompts:
+        return iter(())
+    slots = max(samples, min(slots or len(prompts) * samples, len(prompts) * samples))
+    return _SlotDecoder(model, prompts, settings, samples, seeds, slots).run()
+
+
+def _choose(logits: Tensor, settings: DecodeSettings, points: Tensor, workspace: Tensor | None = None) -> Tensor:
+    """The next token of each row: the most likely one greedy, else drawn at ``points`` from the filtered
+    distribution. Overwrites ``logits``: with no top-k / top-p, temperature and ``exp(logit - max)`` are
+    applied in place (``draw`` takes unnormalised weights, so the softmax's division is left out)."""
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    if settings.top_k or settings.top_p < 1.0:
+        logits = filter_logits(logits.float(), settings)
+    elif logits.dtype != torch.float32:
+        logits = logits.float() / settings.temperature
+    elif settings.temperature != 1:
+        logits.div_(settings.temperature)
+    weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return draw(weights, points, workspace)
+
+
+class _SlotDecoder:
+    """The state of one continuously batched decode (``decode_stream``)."""
+
+    def __init__(self, model: nn.Module, prompts: list[list[int]], settings: DecodeSettings, samples: int,
+                 seeds: list[int], slots: int):
+        self.model, self.prompts, self.settings, self.samples = model, prompts, settings, samples
+        self.device = next(model.parameters()).device
+        self.layer_types, self.window = _layer_types(model)
+        self.eager_dtype = next(model.parameters()).dtype if _mask_kind(model) == "eager" else None
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.cache = SlotCache(layers, slots, max(len(p) for p in prompts) + settings.max_new_tokens)
+        self.owner: list[tuple[int, int] | None] = [None] * slots  # (prompt, sample) decoding in each slot
+        self.tokens = torch.full((slots,), settings.pad_id, dtype=torch.long)  # each slot's next input token
+        self.points = torch.zeros(slots, settings.max_new_tokens, dtype=torch.float64)  # its uniform numbers
+        self.workspace: Tensor | None = None  # draw's float64 copy of the weights, reused at every token
+        self.waiting, self.seeds = list(range(len(prompts)))[::-1], seeds
+        self.out: dict[int, list[list[int]]] = {}
+        self.unfinished: dict[int, int] = {}  # prompt -> samples still decoding
+
+    def run(self) -> Iterator[tuple[int, list[list[int]]]]:
+        with torch.no_grad(), packed_linears(self.model, self.cache.slots):
+            yield from self._admit()
+            while any(o is not None for o in self.owner):
+                masks = self.cache.attention_masks(self.layer_types, self.window, self.eager_dtype)
+                logits = self.model(input_ids=self.tokens[:, None].to(self.device), attention_mask=masks,
+                                    position_ids=self.cache.lengths[:, None].to(self.device), cache=self.cache,
+                                    use_cache=True).logits[:, -1]
+                self.cache.lengths += torch.tensor([o is not None for o in self.owner], dtype=torch.long)
+                live = [s for s, o in enumerate(self.owner) if o is not None]
+                yield from self._take(live, logits if len(live) == len(self.owner) else logits[live])
+                yield from self._admit()
+                if not self.waiting and None in self.owner:  # no prompt left to refill a slot: drop the ended
+                    self._compact()
+
+    def _admit(self) -> Iterator[tuple[int, list[list[int]]]]:
+        """Prefill as many waiting prompts as there are free slots for, and draw their first tokens."""
+        free = [s for s, o in enumerate(self.owner) if o is None]
+        batch = [self.waiting.pop() for _ in range(min(len(free) // self.samples, len(self.waiting)))]
+        if not batch:
+            return
+        ids, mask = _left_padded([self.prompts[i] for i in batch], self.settings.pad_id, self.device)
+        layers = len(self.cache.layers)
+        prefill = Cache(layers=[PreallocatedLayer(ids.shape[1]) for _ in range(layers)])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=prefill,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        taken = free[: len(batch) * self.samples]
+        for n, i in enumerate(batch):
+            uniforms = self._uniforms(i)
+            self.out[i], self.unfinished[i] = [[] for _ in range(self.samples)], self.samples
+            for k in range(self.samples):
+                slot = taken[n * self.samples + k]
+                self.cache.fill(slot, prefill, n, len(self.prompts[i]))
+                self.owner[slot], self.points[slot] = (i, k), uniforms[k]
+        yield from self._take(taken, logits.repeat_interleave(self.samples, 0))
+
+    def _uniforms(self, prompt: int) -> Tensor:
+        """(samples, max_new_tokens) uniform numbers: row k draws sample k's tokens (none needed greedy)."""
+        shape = (self.samples, self.settings.max_new_tokens)
+        if self.settings.temperature == 0:
+            return torch.zeros(shape, dtype=torch.float64)
+        return torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(self.seeds[prompt]))
+
+    def _take(self, live: list[int], logits: Tensor) -> Iterator[tuple[int, list[list[int]]]]:
+        """Draw the next token of the slots ``live`` from their ``logits``; a slot whose row ends is freed."""
+        steps = torch.tensor([len(self.out[self.owner[s][0]][self.owner[s][1]]) for s in live])
+        if self.settings.temperature > 0 and self.workspace is None:
+            blocks = -(-logits.shape[-1] // DRAW_BLOCK)
+            self.workspace = logits.new_empty(self.cache.slots * blocks * DRAW_BLOCK, dtype=torch.float64)
+        chosen = _choose(logits, self.settings, self.points[live, steps].to(logits.device), self.workspace).cpu()
+        self.tokens[live] = chosen
+        stops = set(self.settings.stop_ids)
+        for slot, token in zip(live, chosen.tolist(), strict=True):
+            i, k = self.owner[slot]
+            row = self.out[i][k]
+            row.append(token)
+            if token in stops or len(row) == self.settings.max_new_tokens:
+                self.owner[slot] = None
+                self.cache.lengths[slot] = 0
+                self.unfinished[i] -= 1
+                if not self.unfinished[i]:
+                    del self.unfinished[i]
+                    yield i, self.out.pop(i)
+
+    def _compact(self) -> None:
+        keep = torch.tensor([s for s, o in enumerate(self.owner) if o is not None], dtype=torch.long)
+        if len(keep):
+            self.cache.select(keep)
+        self.owner = [self.owner[s] for s in keep.tolist()]
+        self.tokens, self.points = self.tokens[keep], self.points[keep]
+
+
 def decode_supported(model: nn.Module) -> bool:
-    """Whether ``decode`` covers ``model``: a decoder-only transformers model on the attention interface whose
-    layers all attend fully or through a sliding window (the cache keeps every position; the mask applies
-    the window). Others (recurrent or linear-attention layers, encoder-decoders) sample with ``generate``."""
+    """Whether ``decode`` covers ``model``: a decoder-only transformers model on the attention interface, with
+    an attention that takes SDPA's or the eager attention's 4-D masks (``_mask_kind``: ``SlotCache`` hands it
+    one mask row per slot), whose layers all attend fully or through a sliding window (the cache keeps every
+    position; the mask applies the window). Others (flash or flex attention, recurrent or linear-attention
+    layers, encoder-decoders) sample with ``generate``."""
     config = getattr(model, "config", None)
     if config is None or not getattr(model, "_supports_attention_backend", False):
+        return False
+    if _mask_kind(model) is None:
         return False
     text = config.get_text_config(decoder=True)
     if getattr(config, "is_encoder_decoder", False) or text is not config:

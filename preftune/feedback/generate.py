@@ -5,7 +5,10 @@ Output: one JSON object per prompt, in prompt-file order::
     {"index": 0, "prompt": ..., "completions": ["...", ...], "model": "...", "generation": {...}}
 
 ``prompt`` is as read (text or messages), ``index`` its position among the prompts, ``generation`` the
-sampling settings (and whether the chat template was applied). Every finished batch is appended with one
+sampling settings (and whether the chat template was applied). The Hugging Face backend keeps ``batch_size``
+prompts decoding at once, a finished prompt's rows taken over by the next prompt at once (continuous
+batching, ``decode.decode_stream``), and each prompt's samples depend on the seed and its index only. Every
+finished batch is appended with one
 write, then flushed and fsync'ed, so after a crash or Ctrl-C the file holds whole batches plus at most one
 partial line; rerunning the same command cuts that line off and generates only the missing prompts. A
 file written with other settings is an error rather than a silent mix of two experiments.
@@ -22,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -51,7 +55,7 @@ class GenerateConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vllm if importable and a GPU is present
-    batch_size: int = 8  # prompts per generate call (each expands to num_samples sequences)
+    batch_size: int = 8  # prompts decoding at once (num_samples rows each), and prompts per write to the file
     output_file: str = "runs/generations/generations.jsonl"
     progress_bar: bool = True
 
@@ -232,9 +236,12 @@ def generate(config: GenerateConfig, sampler=None) -> GenerateResult:
         batches = [pending[start : start + config.batch_size] for start in range(0, len(pending), config.batch_size)]
         bar = tqdm(total=len(prompts), initial=len(done), desc="generating", unit="prompt",
                    disable=not config.progress_bar or not processes.is_main)
+        completions = _by_batch(sampler, batches[processes.rank :: processes.count], ids, config.batch_size)
         with _writer(out, processes.is_main) as handle, bar:
             for round_batches, mine in processes.rounds(batches):
-                rows = _sample_rows(sampler, mine, ids, prompts, config.model.name_or_path, settings) if mine else []
+                texts = next(completions) if mine else []
+                rows = [{"index": i, "prompt": prompts[i], "completions": t, "model": config.model.name_or_path,
+                         "generation": settings} for i, t in zip(mine or [], texts, strict=True)]
                 merged = processes.gather(rows)  # rank order is batch order, so prompt order
                 if handle is not None:
                     _append(handle, merged)
@@ -242,10 +249,21 @@ def generate(config: GenerateConfig, sampler=None) -> GenerateResult:
     return GenerateResult(out, len(prompts), len(pending), len(done))
 
 
-def _sample_rows(sampler, batch: list[int], ids: dict, prompts: list, model: str, settings: dict) -> list[dict]:
-    completions = sampler.sample([ids[i] for i in batch], batch)
-    return [{"index": i, "prompt": prompts[i], "completions": texts, "model": model, "generation": settings}
-            for i, texts in zip(batch, completions, strict=True)]
+def _by_batch(sampler, batches: list[list[int]], ids: dict, concurrent: int) -> Iterator[list[list[str]]]:
+    """Each batch's completions, in batch order. A sampler with ``stream`` (``HFSampler``) decodes all of this
+    process's prompts in one continuous batch of ``concurrent`` prompts, handing a batch over once all its
+    prompts are done; others sample batch by batch."""
+    if not hasattr(sampler, "stream"):
+        for batch in batches:
+            yield sampler.sample([ids[i] for i in batch], batch)
+        return
+    order = [i for batch in batches for i in batch]
+    stream, done = sampler.stream([ids[i] for i in order], order, concurrent), {}
+    for batch in batches:
+        while any(i not in done for i in batch):
+            position, texts = next(stream)
+            done[order[position]] = texts
+        yield [done.pop(i) for i in batch]
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +36,11 @@ class SamplingConfig:
     seed: int = 0
 
 
-def batch_seed(seed: int, first_index: int) -> int:
-    """The RNG seed of the batch that starts at prompt ``first_index``: a resumed job reproduces the batches
-    an uninterrupted one would have sampled (string seeding of ``random`` is stable across runs)."""
-    return random.Random(f"{seed}:{first_index}").getrandbits(63)
+def prompt_seed(seed: int, index: int) -> int:
+    """The RNG seed of the prompt at ``index`` in the prompt file (with ``model.generate``, of the batch that
+    starts there): a resumed job reproduces what an uninterrupted one would have sampled (string seeding of
+    ``random`` is stable across runs)."""
+    return random.Random(f"{seed}:{index}").getrandbits(63)
 
 
 adapter_base = modeling.adapter_base  # where a PEFT adapter folder's base is, or None for a model folder
@@ -73,10 +75,11 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
 
 
 class HFSampler:
-    """K samples per prompt on left-padded batches: preftune's decode loop (``decode``: one prefill per prompt,
-    a preallocated KV cache, finished rows leaving the batch) where the model supports it, else
-    ``model.generate`` with ``num_return_sequences``. Greedy decoding gives ``generate``'s tokens either way;
-    sampling is seeded per batch (``batch_seed``), so a resumed job samples what an uninterrupted one would."""
+    """K samples per prompt: preftune's decode loop (``decode_stream``: one prefill per prompt, continuous
+    batching over a slot KV cache) where the model supports it, else ``model.generate`` with
+    ``num_return_sequences`` on left-padded batches. Greedy decoding gives ``generate``'s tokens either way;
+    sampling is seeded per prompt index (``prompt_seed(seed, index)``; per batch with ``generate``), so a resumed
+    job samples what an uninterrupted one would."""
 
     def __init__(self, model: nn.Module, tokenizer, sampling: SamplingConfig):
         from .decode import decode_supported
@@ -105,23 +108,41 @@ class HFSampler:
         torch.manual_seed(seed)
         return self.model.generate(input_ids=input_ids, attention_mask=mask, **self._options())[:, width:].tolist()
 
-    @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], indices: list[int]) -> list[list[str]]:
-        """K completion texts for each prompt; ``indices`` (positions in the prompt file) pick the seed."""
-        from .decode import DecodeSettings, decode
+        """K completion texts for each prompt; ``indices`` (positions in the prompt file) pick the seeds."""
+        out: list[list[str]] = [[] for _ in prompt_ids]
+        for position, texts in self.stream(prompt_ids, indices, len(prompt_ids)):
+            out[position] = texts
+        return out
 
-        s, seed = self.sampling, batch_seed(self.sampling.seed, indices[0])
+    def stream(self, prompt_ids: list[list[int]], indices: list[int], concurrent: int) -> Iterator[tuple[int, list[str]]]:
+        """``(position in prompt_ids, its K completion texts)`` as prompts finish, ``concurrent`` prompts
+        decoding at once. With preftune's loop a finished prompt's rows are refilled by the next prompt at once
+        (continuous batching) and prompt i's samples depend on ``prompt_seed(seed, indices[i])`` only; with
+        ``generate``, batches of ``concurrent`` prompts are seeded from their first prompt's index."""
+        from .decode import DecodeSettings, decode_stream
+
+        s = self.sampling
         per_prompt = s.num_samples if s.temperature > 0 else 1  # greedy: every sample is the same
+
+        def texts(tokens: list[list[int]]) -> list[str]:
+            decoded = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            return decoded if per_prompt > 1 else decoded * s.num_samples
+
         if self.fast:
             settings = DecodeSettings(s.max_new_tokens, self.stop_ids, self.tokenizer.pad_token_id, s.temperature,
                                       s.top_p, s.top_k)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-            tokens = decode(self.model, prompt_ids, settings, per_prompt, generator)
-        else:
-            tokens = self._generate(prompt_ids, seed)
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return [[texts[i * per_prompt + (k if per_prompt > 1 else 0)] for k in range(s.num_samples)]
-                for i in range(len(prompt_ids))]
+            seeds = [prompt_seed(s.seed, i) for i in indices]
+            for position, tokens in decode_stream(self.model, prompt_ids, settings, per_prompt, seeds,
+                                                  concurrent * per_prompt):
+                yield position, texts(tokens)
+            return
+        for start in range(0, len(prompt_ids), concurrent):
+            batch = prompt_ids[start : start + concurrent]
+            with torch.no_grad():
+                tokens = self._generate(batch, prompt_seed(s.seed, indices[start]))
+            for n in range(len(batch)):
+                yield start + n, texts(tokens[n * per_prompt : (n + 1) * per_prompt])
 
 
 class VLLMSampler:
@@ -148,7 +169,7 @@ class VLLMSampler:
         s = self.sampling
         params = [
             SamplingParams(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or -1,
-                           max_tokens=s.max_new_tokens, seed=batch_seed(s.seed, i))
+                           max_tokens=s.max_new_tokens, seed=prompt_seed(s.seed, i))
             for i in indices
         ]
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]

@@ -85,7 +85,7 @@ class OnlineTask(PreferenceTask):
         try:
             with torch.random.fork_rng(devices=devices):  # the loop's own RNG stream is left as it was
                 return HFSampler(self.policy, self.tokenizer, sampling).sample(
-                    [self.prompt_ids[i] for i in positions], [0] * len(positions))
+                    [self.prompt_ids[i] for i in positions], list(range(len(positions))))  # a seed each
         finally:
             self.policy.train(was_training)
 

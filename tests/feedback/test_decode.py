@@ -10,7 +10,6 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from preftune.feedback import decode as decode_module
 from preftune.feedback.decode import (
     DecodeSettings,
-    chunked_head,
     decode,
     decode_supported,
     draw,
@@ -52,16 +51,7 @@ def _stop_mid_sequence(model, prompts) -> int:
 
 @pytest.mark.parametrize("architecture", ["llama", "mistral-sliding-window"])
 def test_greedy_tokens_equal_generate_with_rows_finishing_early(architecture):
-    if architecture == "llama":
-        model = tiny_llama(seed=3)
-    else:
-        from transformers import MistralConfig, MistralForCausalLM
-
-        config = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, sliding_window=4, pad_token_id=PAD,
-                               bos_token_id=0, eos_token_id=1)
-        torch.manual_seed(3)
-        model = MistralForCausalLM(config).eval()
+    model = _model(architecture)
     assert decode_supported(model)
     prompts = _prompts()
     stop = [1, _stop_mid_sequence(model, prompts)]
@@ -71,65 +61,49 @@ def test_greedy_tokens_equal_generate_with_rows_finishing_early(architecture):
     assert got == expected
 
 
-def test_the_head_in_slices_gives_generates_greedy_tokens_and_logits(monkeypatch):
-    """With slices of 96 outputs (the tiny vocabulary of 512 gives 5 full slices and one of 32), the head's
-    logits equal one product's (the same dot products; 1e-6 allows another summation order) and greedy
-    decoding gives ``generate``'s tokens; the head's own forward is back afterwards."""
-    monkeypatch.setattr(decode_module, "HEAD_CHUNK", 96)
-    model = tiny_llama(seed=3)
-    head = model.get_output_embeddings()
-    hidden = torch.randn(7, head.in_features)
-    plain = head(hidden)
-    with chunked_head(model) as active:
-        assert active and "forward" in vars(head)
-        sliced = head(hidden)
-    assert "forward" not in vars(head)
-    torch.testing.assert_close(sliced, plain, atol=1e-6, rtol=0)
-    prompts = _prompts(1)
-    stop = [1, _stop_mid_sequence(model, prompts)]
-    calls = []
-    original = decode_module.chunked_head
-
-    def counted(m):
-        calls.append(m)
-        return original(m)
-
-    monkeypatch.setattr(decode_module, "chunked_head", counted)
-    assert decode(model, prompts, DecodeSettings(12, stop, PAD)) == _generate(model, prompts, 12, stop)
-    assert calls == [model]
-
-
-def test_narrow_linears_compute_what_the_plain_linear_computes():
-    """Inside ``narrow_linears``, each of a tiny Llama's 14 projections (2 layers x 7; the head is
-    ``chunked_head``'s) gives ``F.linear``'s output to 1e-6 (the same dot products in another order) for 1, 5
-    and 16 rows (``(W @ xᵀ)ᵀ``) and 17 and 40 rows (the plain product), 2-D and 3-D, with a bias; afterwards every
-    layer has its own forward back."""
+def test_packed_linears_compute_what_the_plain_linear_computes():
+    """Inside ``packed_linears``, each of a tiny Llama's 15 linears (2 layers x 7 and the head) multiplies
+    through oneDNN's prepacked weight and gives ``F.linear``'s output to 1e-5 (the same dot products summed in
+    another order) for 1, 5, 16, 17 and 40 rows, 2-D and 3-D, with a bias; with gradients on, the plain
+    product runs (the packed one has no backward); afterwards every layer has its own forward back and the
+    model's outputs are bitwise what they were."""
     model = tiny_llama(seed=3)
     layer = model.model.layers[0].mlp.up_proj
     layer.bias = torch.nn.Parameter(torch.randn(layer.out_features))
     inputs = [torch.randn(n, layer.in_features) for n in (1, 5, 16, 17, 40)] + [torch.randn(4, 8, layer.in_features)]
+    ids = torch.tensor([_prompts()[1]])
+    before = model(ids).logits
     with torch.no_grad():
         expected = [torch.nn.functional.linear(x, layer.weight, layer.bias) for x in inputs]
-        with decode_module.narrow_linears(model) as count:
+        with decode_module.packed_linears(model, rows=8) as count:
             got = [layer(x) for x in inputs]
-    assert count == 14 and not any("forward" in vars(m) for m in model.modules())
+            assert "forward" in vars(layer)
+            with torch.enable_grad():
+                graded = layer(inputs[0].requires_grad_())
+            assert graded.grad_fn is not None
+            packed_logits = model(ids).logits
+    assert count == 15 and not any("forward" in vars(m) for m in model.modules())
     for g, e in zip(got, expected, strict=True):
-        assert g.shape == e.shape and g.is_contiguous()
-        torch.testing.assert_close(g, e, atol=1e-6, rtol=0)
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_logits, before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model(ids).logits, before)
 
 
-def test_the_head_stays_whole_where_slicing_does_not_apply(monkeypatch):
-    """A head narrower than two slices, or one whose forward something else set on the instance, is left as
-    it is."""
+def test_packed_linears_leave_alone_what_they_cannot_pack(monkeypatch):
+    """A layer whose forward something else set on the instance keeps it; with gradients on, or when the
+    packed copies would not leave as much memory free again, nothing is packed."""
     model = tiny_llama(seed=3)
-    with chunked_head(model) as active:  # 512 outputs < 2 x 2048
-        assert not active
-    monkeypatch.setattr(decode_module, "HEAD_CHUNK", 96)
     head = model.get_output_embeddings()
     hooked = head.forward
     head.forward = hooked
-    with chunked_head(model) as active:
-        assert not active and head.forward is hooked
+    with torch.no_grad(), decode_module.packed_linears(model, rows=4) as count:
+        assert count == 14 and head.forward is hooked
+    with decode_module.packed_linears(model, rows=4) as count:  # gradients on
+        assert count == 0
+    monkeypatch.setattr(decode_module, "_available_memory", lambda: 1000)
+    with torch.no_grad(), decode_module.packed_linears(model, rows=4) as count:
+        assert count == 0
 
 
 def test_filter_logits_equals_transformers_warpers():
@@ -184,12 +158,83 @@ def test_draw_picks_the_entry_one_cumulative_sum_over_the_row_picks():
 def test_sampling_is_a_function_of_the_seed():
     model, prompts = tiny_llama(seed=3), _prompts()
     settings = DecodeSettings(8, [1], PAD, temperature=1.0)
-    first = decode(model, prompts, settings, samples=3, generator=torch.Generator().manual_seed(5))
-    again = decode(model, prompts, settings, samples=3, generator=torch.Generator().manual_seed(5))
-    other = decode(model, prompts, settings, samples=3, generator=torch.Generator().manual_seed(6))
-    assert first == again and first != other
+    first = decode(model, prompts, settings, samples=3, seeds=[5, 6, 7, 8])
+    again = decode(model, prompts, settings, samples=3, seeds=[5, 6, 7, 8])
+    other = decode(model, prompts, settings, samples=3, seeds=[5, 6, 7, 9])
+    assert first == again and first[:9] == other[:9] and first[9:] != other[9:]  # only prompt 3's seed changed
     assert len(first) == 12 and all(1 <= len(row) <= 8 for row in first)
     assert len({tuple(row) for row in first[:3]}) > 1  # the K samples of a prompt differ
+
+
+def _model(architecture: str):
+    if architecture == "mistral-sliding-window":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        config = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=4, pad_token_id=PAD,
+                               bos_token_id=0, eos_token_id=1)
+        torch.manual_seed(3)
+        return MistralForCausalLM(config).eval()
+    model = tiny_llama(seed=3)
+    if architecture == "llama-eager":  # additive float masks instead of SDPA's boolean ones
+        model.config._attn_implementation = "eager"
+    return model
+
+
+def test_the_attention_decides_the_mask_or_leaves_the_model_to_generate():
+    """Flash or flex attention take no 4-D mask, so the slot cache cannot hand them one row per slot: such a
+    model is left to ``generate``. A model trained with preftune's packed-sequence attention (which registers
+    SDPA's masks) keeps the fast loop after training, with ``generate``'s greedy tokens (an online run samples
+    from the policy it trains)."""
+    from preftune.training.packing import _use_packed_attention
+
+    model = tiny_llama(seed=3)
+    prompts = _prompts()
+    expected = _generate(model, prompts, 8, [1])
+    assert decode_supported(model)
+    model.config._attn_implementation = "flex_attention"
+    assert not decode_supported(model)
+    _use_packed_attention(model.config)
+    assert decode_supported(model)
+    assert decode(model, prompts, DecodeSettings(8, [1], PAD), slots=2) == expected
+
+
+@pytest.mark.parametrize("architecture", ["llama", "llama-eager", "mistral-sliding-window"])
+def test_continuous_batching_gives_generates_greedy_tokens(architecture):
+    """Eight prompts of 3-9 tokens through 1, 3 and 5 slots: rows ending early (a stop token met mid-row) are
+    refilled by the next prompt, whose cache starts at position 0 of a slot another row used; every row's
+    tokens are still ``generate``'s for that prompt (the sliding window of 4 included)."""
+    model = _model(architecture)
+    prompts = _prompts() + _prompts(1)
+    stop = [1, _stop_mid_sequence(model, prompts)]
+    expected = _generate(model, prompts, 12, stop)
+    assert min(len(r) for r in expected) < 12 and max(len(r) for r in expected) == 12
+    for slots in (1, 3, 5):
+        assert decode(model, prompts, DecodeSettings(12, stop, PAD), slots=slots) == expected
+
+
+def test_a_prompts_samples_depend_on_its_seed_not_on_its_neighbours():
+    """Sampled (T = 1, top-k 50): prompt i's samples are the same decoded with all prompts at once, through 4
+    slots (rows refilled as others end), or alone; ``decode_stream`` hands each prompt over once, when its last
+    sample ends. The stop tokens are tokens two rows drew mid-row (the draws before a stop do not depend on
+    the stop tokens), so rows end at different steps."""
+    model, prompts = tiny_llama(seed=3), _prompts() + _prompts(1)
+    seeds = [11, 12, 13, 14, 15, 16, 17, 18]
+    free = decode(model, prompts, DecodeSettings(10, [1], PAD, temperature=1.0, top_k=50), samples=2, seeds=seeds)
+    settings = DecodeSettings(10, [1, free[0][2], free[9][5]], PAD, temperature=1.0, top_k=50)
+    together = decode(model, prompts, settings, samples=2, seeds=seeds)
+    assert decode(model, prompts, settings, samples=2, seeds=seeds, slots=4) == together
+    for i in (1, 6):
+        assert decode(model, prompts[i : i + 1], settings, samples=2, seeds=seeds[i : i + 1]) == together[2 * i : 2 * i + 2]
+    streamed = list(decode_module.decode_stream(model, prompts, settings, 2, seeds, slots=4))
+    assert sorted(i for i, _ in streamed) == list(range(8))
+    assert all(rows == together[2 * i : 2 * i + 2] for i, rows in streamed)
+    assert len({len(row) for row in together}) > 1  # rows end at different steps
+
+
+def test_decode_checks_its_seeds():
+    with pytest.raises(ValueError, match="3 seeds for 4 prompts"):
+        decode(tiny_llama(seed=3), _prompts(), DecodeSettings(4, [1], PAD, temperature=1.0), seeds=[1, 2, 3])
 
 
 def test_sampler_greedy_repeats_one_completion_per_prompt(tiny_model_dir):
@@ -207,10 +252,11 @@ def test_sampler_greedy_repeats_one_completion_per_prompt(tiny_model_dir):
     assert texts == [[expected[0]] * 3, [expected[1]] * 3]
 
 
-def test_sampler_seeds_each_batch_from_its_first_prompt_index(tiny_model_dir):
-    """The resume contract: a batch's samples depend on the seed and its first prompt index only."""
+def test_sampler_seeds_each_prompt_from_its_index(tiny_model_dir):
+    """The resume contract: a prompt's samples depend on the seed and its index in the prompt file only, not on
+    the batch it is sampled in."""
     from preftune.feedback.generate import GenerateConfig
-    from preftune.feedback.sampling import batch_seed, load_for_sampling, load_tokenizer_for
+    from preftune.feedback.sampling import load_for_sampling, load_tokenizer_for, prompt_seed
 
     model = load_for_sampling(str(tiny_model_dir), GenerateConfig().model)
     tokenizer = load_tokenizer_for(str(tiny_model_dir))
@@ -219,7 +265,8 @@ def test_sampler_seeds_each_batch_from_its_first_prompt_index(tiny_model_dir):
     prompts = [tokenizer("Review:")["input_ids"], tokenizer("A film that")["input_ids"]]
     texts = sampler.sample(prompts, [4, 5])
     settings = DecodeSettings(6, sampler.stop_ids, tokenizer.pad_token_id, 0.9, 1.0, 40)
-    ids = decode(model, prompts, settings, 2, torch.Generator().manual_seed(batch_seed(7, 4)))
+    ids = decode(model, prompts, settings, 2, [prompt_seed(7, 4), prompt_seed(7, 5)])
     expected = tokenizer.batch_decode(ids, skip_special_tokens=True)
     assert texts == [expected[:2], expected[2:]]
-    assert sampler.sample(prompts, [6, 7]) != texts  # another batch position, another seed
+    assert sampler.sample(prompts[1:], [5]) == texts[1:]  # alone, in a batch of its own
+    assert sampler.sample(prompts, [6, 7]) != texts  # other indices, other seeds

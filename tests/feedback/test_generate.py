@@ -101,6 +101,26 @@ def test_same_seed_same_file_other_seed_other_completions(tiny_model_dir, tmp_pa
     assert [r["completions"] for r in read(tmp_path / "c.jsonl")] != [r["completions"] for r in read(tmp_path / "a.jsonl")]
 
 
+def test_the_file_does_not_depend_on_the_batch_size(tiny_model_dir, tmp_path, tiny_sampler_parts):
+    """Continuous batching: prompt i's samples depend on the seed and i only, so batch sizes 1, 2 and 5 (one,
+    two and five prompts decoding at once, ended rows refilled) and a sampler asked batch by batch (no
+    ``stream``) write the same bytes."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    files = []
+    for batch_size in (1, 2, 5):
+        config = make_config(tiny_model_dir, prompts, tmp_path / f"b{batch_size}.jsonl", max_new_tokens=10)
+        config.batch_size = batch_size
+        generate(config, sampler=HFSampler(*tiny_sampler_parts, config.sampling))
+        files.append(Path(config.output_file).read_bytes())
+    config = make_config(tiny_model_dir, prompts, tmp_path / "by-batch.jsonl", max_new_tokens=10)
+    sampler = CountingSampler(HFSampler(*tiny_sampler_parts, config.sampling))
+    generate(config, sampler=sampler)
+    assert sampler.asked == [0, 1, 2, 3, 4]
+    assert files[0] == files[1] == files[2] == Path(config.output_file).read_bytes()
+    rows = read(Path(config.output_file))
+    assert len({len(c) for r in rows for c in r["completions"]}) > 1  # completions of several lengths
+
+
 def test_resume_discards_a_partial_line_and_generates_only_what_is_missing(tiny_model_dir, tmp_path, tiny_sampler_parts):
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     full = tmp_path / "full.jsonl"

@@ -100,7 +100,7 @@ def test_iterative_dpo_two_rounds_resumes_after_a_kill_at_every_stage(tmp_path, 
     from preftune.feedback.judges import function
     from preftune.training import preference
 
-    monkeypatch.setattr(sampling.HFSampler, "sample", killer("sampling", sampling.HFSampler.sample))
+    monkeypatch.setattr(sampling.HFSampler, "stream", killer("sampling", sampling.HFSampler.stream))
     monkeypatch.setattr(function.FunctionJudge, "score", killer("judging", function.FunctionJudge.score))
     monkeypatch.setattr(preference.PreferenceTask, "loss", killer("training", preference.PreferenceTask.loss))
     monkeypatch.setattr(winrate, "evaluate_generations", killer("evaluation", winrate.evaluate_generations))
