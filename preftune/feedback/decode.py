@@ -35,45 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
-
-class PreallocatedLayer(DynamicLayer):
-    """One layer's KV cache in a buffer sized for the whole decode; ``batch_select_indices`` drops rows."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        rows, heads, _, _ = key_states.shape
-        self.device = key_states.device
-        self.keys = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1])
-        self.values = value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1])
-        self.is_initialized = True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache of {self.capacity} positions is full; this is a bug in the decode loop")
-        self.keys[:, :, self.length : end] = key_states
-        self.values[:, :, self.length : end] = value_states
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        if self.is_initialized:
-            self.keys, self.values = self.keys[indices], self.values[indices]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
+from .kv_slots import PreallocatedLayer, SlotCache, layer_types, mask_kind
 
 
 @dataclass
@@ -211,106 +175,6 @@ def packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
             del layer.forward
 
 
-class SlotLayer(DynamicLayer):
-    """One layer's KV cache for a fixed number of row slots, each holding its own sequence at its own length
-    (``SlotCache.lengths``): slot ``s`` keeps position ``j`` at index ``j``, whatever its neighbours do."""
-
-    def __init__(self, owner: SlotCache):
-        super().__init__()
-        self.owner = owner
-
-    def allocate(self, like: Tensor, capacity: int) -> None:
-        _, heads, _, dim = like.shape
-        # zeros, not garbage: a masked position still enters attention's products (weight 0 x a NaN is NaN)
-        self.keys = like.new_zeros(self.owner.slots, heads, capacity, dim)
-        self.values = like.new_zeros(self.owner.slots, heads, capacity, dim)
-        self.device, self.is_initialized = like.device, True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        """One new position per slot (a decode step), written at that slot's length."""
-        rows, at = self.owner.step_index
-        self.keys[rows, :, at] = key_states[:, :, 0]
-        self.values[rows, :, at] = value_states[:, :, 0]
-        return self.keys[:, :, : self.owner.width], self.values[:, :, : self.owner.width]
-
-    def get_seq_length(self) -> int:
-        return self.owner.width
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self.keys, self.values = self.keys[indices], self.values[indices]
-
-
-class SlotCache(Cache):
-    """The KV cache of a continuously batched decode: ``slots`` rows, each a sequence of its own length. A
-    step writes every slot's new position at ``lengths[s]`` and attends to ``width`` = the longest slot's
-    positions, each slot through its own mask (``attention_masks``)."""
-
-    def __init__(self, layers: int, slots: int, capacity: int):
-        self.slots, self.capacity = slots, capacity
-        super().__init__(layers=[SlotLayer(self) for _ in range(layers)])
-        self.lengths = torch.zeros(slots, dtype=torch.long)  # on the CPU; a step's copy on the model's device:
-        self.step_index: tuple[Tensor, Tensor] = (torch.arange(0), torch.arange(0))  # (slot, write position)
-        self.width = 1
-
-    def fill(self, slot: int, prefill: Cache, row: int, length: int) -> None:
-        """Slot ``slot`` takes the last ``length`` positions of row ``row`` of a (left-padded) prefill cache."""
-        for layer, source in zip(self.layers, prefill.layers, strict=True):
-            if not layer.is_initialized:
-                layer.allocate(source.keys, self.capacity)
-            end = source.keys.shape[2]
-            layer.keys[slot, :, :length] = source.keys[row, :, end - length : end]
-            layer.values[slot, :, :length] = source.values[row, :, end - length : end]
-        self.lengths[slot] = length
-
-    def select(self, keep: Tensor) -> None:
-        """Only the slots ``keep`` (ascending, on the CPU) stay, renumbered 0.. in that order."""
-        for layer in self.layers:
-            layer.batch_select_indices(keep.to(layer.device))
-        self.slots, self.lengths = len(keep), self.lengths[keep]
-
-    def attention_masks(self, layer_types: set[str], window: int | None, eager_dtype: torch.dtype | None):
-        """The masks of the next step (every slot's query at position ``lengths[s]``), for the attention
-        implementation: boolean for SDPA (True attends), additive in ``eager_dtype`` for the eager one; one mask,
-        or one per layer type when the model mixes full and sliding-window layers."""
-        self.width = int(self.lengths.max()) + 1
-        kv = torch.arange(self.width)
-        query = self.lengths[:, None]
-        full = kv[None, :] <= query
-        masks = {"full_attention": full}
-        if "sliding_attention" in layer_types:  # transformers' sliding_window_overlay: kv > q - window
-            masks["sliding_attention"] = full & (kv[None, :] > query - window)
-        device = self.layers[0].device
-        self.step_index = (torch.arange(self.slots, device=device), self.lengths.to(device))
-        for kind, mask in masks.items():
-            mask = mask[:, None, None, :].to(device)
-            if eager_dtype is not None:
-                mask = torch.zeros(mask.shape, dtype=eager_dtype, device=device).masked_fill_(
-                    ~mask, torch.finfo(eager_dtype).min)
-            masks[kind] = mask
-        return masks if len(layer_types) > 1 else masks[next(iter(layer_types))]
-
-
-def _mask_kind(model: nn.Module) -> str | None:
-    """``"sdpa"`` (boolean, True attends) or ``"eager"`` (additive) for the 4-D masks the model's attention
-    takes, read from the mask function transformers has registered for its implementation (preftune's
-    packed-sequence attention, for one, registers SDPA's); None for others (flash, flex)."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
-
-    function = ALL_MASK_ATTENTION_FUNCTIONS.get(getattr(model.config, "_attn_implementation", None) or "")
-    return {sdpa_mask: "sdpa", eager_mask: "eager"}.get(function)
-
-
-def _layer_types(model: nn.Module) -> tuple[set[str], int | None]:
-    """The attention kinds of the model's layers and the sliding window: ``layer_types`` where the config has
-    them; otherwise every layer is a sliding-window one when ``sliding_window`` is set (Mistral's rule)."""
-    text = model.config.get_text_config(decoder=True)
-    window = getattr(text, "sliding_window", None)
-    types = getattr(text, "layer_types", None)
-    if types:
-        return set(types), window
-    return ({"sliding_attention"} if window else {"full_attention"}), window
-
-
 @torch.no_grad()
 def decode(model: nn.Module, prompts: list[list[int]], settings: DecodeSettings, samples: int = 1,
            seeds: Sequence[int] | None = None, slots: int | None = None) -> list[list[int]]:
@@ -364,8 +228,8 @@ class _SlotDecoder:
                  seeds: list[int], slots: int):
         self.model, self.prompts, self.settings, self.samples = model, prompts, settings, samples
         self.device = next(model.parameters()).device
-        self.layer_types, self.window = _layer_types(model)
-        self.eager_dtype = next(model.parameters()).dtype if _mask_kind(model) == "eager" else None
+        self.layer_types, self.window = layer_types(model)
+        self.eager_dtype = next(model.parameters()).dtype if mask_kind(model) == "eager" else None
         layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.cache = SlotCache(layers, slots, max(len(p) for p in prompts) + settings.max_new_tokens)
         self.owner: list[tuple[int, int] | None] = [None] * slots  # (prompt, sample) decoding in each slot
@@ -451,17 +315,17 @@ class _SlotDecoder:
 
 def decode_supported(model: nn.Module) -> bool:
     """Whether ``decode`` covers ``model``: a decoder-only transformers model on the attention interface, with
-    an attention that takes SDPA's or the eager attention's 4-D masks (``_mask_kind``: ``SlotCache`` hands it
-    one mask row per slot), whose layers all attend fully or through a sliding window (the cache keeps every
-    position; the mask applies the window). Others (flash or flex attention, recurrent or linear-attention
-    layers, encoder-decoders) sample with ``generate``."""
+    an attention that takes SDPA's or the eager attention's 4-D masks (``kv_slots.mask_kind``: the slot
+    cache hands it one mask row per slot), whose layers all attend fully or through a sliding window (the
+    cache keeps every position; the mask applies the window). Others (flash or flex attention, recurrent or
+    linear-attention layers, encoder-decoders) sample with ``generate``."""
     config = getattr(model, "config", None)
     if config is None or not getattr(model, "_supports_attention_backend", False):
         return False
-    if _mask_kind(model) is None:
+    if mask_kind(model) is None:
         return False
     text = config.get_text_config(decoder=True)
     if getattr(config, "is_encoder_decoder", False) or text is not config:
         return False
-    layer_types = getattr(text, "layer_types", None) or ["full_attention"]
-    return set(layer_types) <= {"full_attention", "sliding_attention"}
+    kinds = getattr(text, "layer_types", None) or ["full_attention"]
+    return set(kinds) <= {"full_attention", "sliding_attention"}
