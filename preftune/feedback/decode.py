@@ -3,7 +3,8 @@
 - Each prompt is prefilled once, whatever the number of samples K: its KV cache is then copied into K rows
   (``generate(num_return_sequences=K)`` prefills K copies).
 - Continuous batching (``decode_stream``): a fixed number of rows ("slots") decode together, each its own
-  sequence at its own length in a slot KV cache (``SlotCache``: preallocated, written in place, one boolean
+  sequence at its own length in a slot KV cache (``SlotCache``: written in place, grown only when a longer
+  prompt comes, one boolean
   mask row per slot). When a row ends, its slot is refilled by the next prompt (prefilled, its cache copied
   in) instead of idling until the batch's longest row ends, so a step keeps multiplying as many rows as it
   can; once no prompt is left, ended rows leave the batch. ``generate`` pads finished rows and keeps computing
@@ -35,9 +36,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 
-from .kv_slots import PreallocatedLayer, SlotCache, layer_types, mask_kind
+from .kv_slots import SlotCache, layer_types, mask_kind
 
 
 @dataclass
@@ -231,7 +232,7 @@ class _SlotDecoder:
         self.layer_types, self.window = layer_types(model)
         self.eager_dtype = next(model.parameters()).dtype if mask_kind(model) == "eager" else None
         layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        self.cache = SlotCache(layers, slots, max(len(p) for p in prompts) + settings.max_new_tokens)
+        self.cache = SlotCache(layers, slots)
         self.owner: list[tuple[int, int] | None] = [None] * slots  # (prompt, sample) decoding in each slot
         self.tokens = torch.full((slots,), settings.pad_id, dtype=torch.long)  # each slot's next input token
         self.points = torch.zeros(slots, settings.max_new_tokens, dtype=torch.float64)  # its uniform numbers
@@ -262,12 +263,12 @@ class _SlotDecoder:
         if not batch:
             return
         ids, mask = _left_padded([self.prompts[i] for i in batch], self.settings.pad_id, self.device)
-        layers = len(self.cache.layers)
-        prefill = Cache(layers=[PreallocatedLayer(ids.shape[1]) for _ in range(layers)])
+        prefill = Cache(layers=[DynamicLayer() for _ in self.cache.layers])  # full layers: no window cut
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=prefill,
                             use_cache=True, logits_to_keep=1).logits[:, -1]
         taken = free[: len(batch) * self.samples]
+        self.cache.reserve(ids.shape[1] + self.settings.max_new_tokens, prefill)
         for n, i in enumerate(batch):
             uniforms = self._uniforms(i)
             self.out[i], self.unfinished[i] = [[] for _ in range(self.samples)], self.samples

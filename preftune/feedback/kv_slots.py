@@ -1,50 +1,12 @@
-"""KV caches of preftune's decode loop (``decode``): a preallocated one for prefills, and the slot cache of
-continuous batching, where each row ("slot") holds its own sequence at its own length, written in place, and
-attends through its own mask row, in the format the model's attention implementation takes."""
+"""The KV cache of preftune's decode loop (``decode``): the slot cache of continuous batching, where each row
+("slot") holds its own sequence at its own length, written in place, and attends through its own mask row,
+in the format the model's attention implementation takes."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
-
-
-class PreallocatedLayer(DynamicLayer):
-    """One layer's KV cache in a buffer sized for the whole decode; ``batch_select_indices`` drops rows."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        rows, heads, _, _ = key_states.shape
-        self.device = key_states.device
-        self.keys = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1])
-        self.values = value_states.new_empty(rows, heads, self.capacity, value_states.shape[-1])
-        self.is_initialized = True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache of {self.capacity} positions is full; this is a bug in the decode loop")
-        self.keys[:, :, self.length : end] = key_states
-        self.values[:, :, self.length : end] = value_states
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        if self.is_initialized:
-            self.keys, self.values = self.keys[indices], self.values[indices]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
 
 
 class SlotLayer(DynamicLayer):
@@ -56,10 +18,16 @@ class SlotLayer(DynamicLayer):
         self.owner = owner
 
     def allocate(self, like: Tensor, capacity: int) -> None:
+        """Buffers for ``capacity`` positions per slot, shaped and typed like ``like`` (a prefill's keys);
+        what the slots held so far is kept."""
         _, heads, _, dim = like.shape
         # zeros, not garbage: a masked position still enters attention's products (weight 0 x a NaN is NaN)
-        self.keys = like.new_zeros(self.owner.slots, heads, capacity, dim)
-        self.values = like.new_zeros(self.owner.slots, heads, capacity, dim)
+        keys = like.new_zeros(self.owner.slots, heads, capacity, dim)
+        values = like.new_zeros(self.owner.slots, heads, capacity, dim)
+        if self.is_initialized:
+            held = self.keys.shape[2]
+            keys[:, :, :held], values[:, :, :held] = self.keys, self.values
+        self.keys, self.values = keys, values
         self.device, self.is_initialized = like.device, True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -84,19 +52,28 @@ class SlotCache(Cache):
     step writes every slot's new position at ``lengths[s]`` and attends to ``width`` = the longest slot's
     positions, each slot through its own mask (``attention_masks``)."""
 
-    def __init__(self, layers: int, slots: int, capacity: int):
-        self.slots, self.capacity = slots, capacity
+    def __init__(self, layers: int, slots: int):
+        self.slots, self.capacity = slots, 0
         super().__init__(layers=[SlotLayer(self) for _ in range(layers)])
         self.lengths = torch.zeros(slots, dtype=torch.long)  # positions held per slot, on the CPU
         # (slot, write position) of the coming step, on the model's device (set by ``attention_masks``)
         self.step_index: tuple[Tensor, Tensor] = (torch.arange(0), torch.arange(0))
         self.width = 1
 
+    def reserve(self, positions: int, like: Cache) -> None:
+        """Room for ``positions`` positions in every slot (buffers shaped like the prefill cache ``like``'s):
+        the cache grows by half again or to ``positions`` as longer prompts come, instead of sizing every
+        slot for the longest prompt of the whole job from the start."""
+        if positions <= self.capacity:
+            return
+        self.capacity = max(positions, self.capacity * 3 // 2)
+        for layer, source in zip(self.layers, like.layers, strict=True):
+            layer.allocate(source.keys, self.capacity)
+
     def fill(self, slot: int, prefill: Cache, row: int, length: int) -> None:
-        """Slot ``slot`` takes the last ``length`` positions of row ``row`` of a (left-padded) prefill cache."""
+        """Slot ``slot`` takes the last ``length`` positions of row ``row`` of a (left-padded) prefill cache
+        (``reserve`` made room)."""
         for layer, source in zip(self.layers, prefill.layers, strict=True):
-            if not layer.is_initialized:
-                layer.allocate(source.keys, self.capacity)
             end = source.keys.shape[2]
             layer.keys[slot, :, :length] = source.keys[row, :, end - length : end]
             layer.values[slot, :, :length] = source.values[row, :, end - length : end]

@@ -213,6 +213,27 @@ def test_continuous_batching_gives_generates_greedy_tokens(architecture):
         assert decode(model, prompts, DecodeSettings(12, stop, PAD), slots=slots) == expected
 
 
+def test_the_slot_cache_grows_under_live_rows_when_a_longer_prompt_comes(monkeypatch):
+    """Two slots sized for the first prompts (4 tokens + 12 new); a 20-token prompt enters while the other
+    slot is mid-row: the cache grows to 32 positions, keeping what the live row holds, and every row's
+    greedy tokens are still ``generate``'s."""
+    model = tiny_llama(seed=3)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (3, 4, 20, 6)]
+    stop = [1, _stop_mid_sequence(model, prompts)]
+    expected = _generate(model, prompts, 12, stop)
+    sizes = []
+    original = decode_module.SlotCache.reserve
+
+    def recorded(cache, positions, like):
+        original(cache, positions, like)
+        sizes.append((cache.capacity, cache.lengths.tolist()))  # a live slot holds positions, a free one none
+
+    monkeypatch.setattr(decode_module.SlotCache, "reserve", recorded)
+    assert decode(model, prompts, DecodeSettings(12, stop, PAD), slots=2) == expected
+    assert sizes[0][0] == 16 and any(size == 32 and max(lengths) > 0 for size, lengths in sizes)
+
+
 def test_a_prompts_samples_depend_on_its_seed_not_on_its_neighbours():
     """Sampled (T = 1, top-k 50): prompt i's samples are the same decoded with all prompts at once, through 4
     slots (rows refilled as others end), or alone; ``decode_stream`` hands each prompt over once, when its last
