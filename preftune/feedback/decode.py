@@ -3,12 +3,11 @@
 - Each prompt is prefilled once, whatever the number of samples K: its KV cache is then copied into K rows
   (``generate(num_return_sequences=K)`` prefills K copies).
 - Continuous batching (``decode_stream``): a fixed number of rows ("slots") decode together, each its own
-  sequence at its own length in a slot KV cache (``SlotCache``: written in place, grown only when a longer
-  prompt comes, one boolean
-  mask row per slot). When a row ends, its slot is refilled by the next prompt (prefilled, its cache copied
-  in) instead of idling until the batch's longest row ends, so a step keeps multiplying as many rows as it
-  can; once no prompt is left, ended rows leave the batch. ``generate`` pads finished rows and keeps computing
-  them, and a batch lasts as long as its longest row.
+  sequence at its own length in a slot KV cache (``kv_slots.SlotCache``: written in place, grown only when a
+  longer prompt comes, one mask row per slot). When a row ends, its slot is refilled by the next prompt
+  (prefilled, its cache copied in) instead of idling until the batch's longest row ends, so a step keeps
+  multiplying as many rows as it can; once no prompt is left, ended rows leave the batch. ``generate`` pads
+  finished rows and keeps computing them, and a batch lasts as long as its longest row.
 - The per-token loop is a plain tensor loop: no logits processors, stopping criteria or output objects.
 - On a CPU every linear layer, the LM head included, multiplies through a copy of its weight prepacked once
   for oneDNN (``packed_linears``): a decode step multiplies a few dozen rows by every weight, which MKL's
