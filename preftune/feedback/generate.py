@@ -8,9 +8,8 @@ Output: one JSON object per prompt, in prompt-file order::
 sampling settings (and whether the chat template was applied). The Hugging Face backend keeps ``batch_size``
 prompts decoding at once, a finished prompt's rows taken over by the next prompt at once (continuous
 batching, ``decode.decode_stream``), and each prompt's samples depend on the seed and its index only. Every
-finished batch is appended with one
-write, then flushed and fsync'ed, so after a crash or Ctrl-C the file holds whole batches plus at most one
-partial line; rerunning the same command cuts that line off and generates only the missing prompts. A
+finished batch is appended with one write, then flushed and fsync'ed, so after a crash or Ctrl-C the file
+holds whole batches plus at most one partial line; rerunning the same command cuts that line off and generates only the missing prompts. A
 file written with other settings is an error rather than a silent mix of two experiments.
 
 Under ``accelerate launch`` / ``torchrun`` the batches are shared out (batch k to process k mod N, see
