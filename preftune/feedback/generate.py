@@ -9,8 +9,9 @@ sampling settings (and whether the chat template was applied). The Hugging Face 
 prompts decoding at once, a finished prompt's rows taken over by the next prompt at once (continuous
 batching, ``decode.decode_stream``), and each prompt's samples depend on the seed and its index only. Every
 finished batch is appended with one write, then flushed and fsync'ed, so after a crash or Ctrl-C the file
-holds whole batches plus at most one partial line; rerunning the same command cuts that line off and generates only the missing prompts. A
-file written with other settings is an error rather than a silent mix of two experiments.
+holds whole batches plus at most one partial line; rerunning the same command cuts that line off and
+generates only the missing prompts. A file written with other settings is an error rather than a silent mix
+of two experiments.
 
 Under ``accelerate launch`` / ``torchrun`` the batches are shared out (batch k to process k mod N, see
 ``shards``); after each round of N batches the main process appends them, in prompt order, so N processes
