@@ -86,8 +86,7 @@ def draw(probs: Tensor, points: Tensor, workspace: Tensor | None = None) -> Tens
     of allocating (and page-faulting) megabytes per step."""
     rows, width = probs.shape
     blocks = -(-width // DRAW_BLOCK)
-    if workspace is None:
-        workspace = probs.new_empty(rows * blocks * DRAW_BLOCK, dtype=torch.float64)
+    workspace = draw_workspace(probs, rows) if workspace is None else workspace
     padded = workspace.view(-1)[: rows * blocks * DRAW_BLOCK].view(rows, blocks * DRAW_BLOCK)
     padded[:, :width] = probs
     padded[:, width:] = 0
@@ -101,6 +100,11 @@ def draw(probs: Tensor, points: Tensor, workspace: Tensor | None = None) -> Tens
     within = torch.minimum(within, torch.nextafter(inner[:, -1:], torch.zeros_like(within)))
     entry = torch.searchsorted(inner, within, right=True)
     return (block * DRAW_BLOCK + entry).squeeze(1)
+
+
+def draw_workspace(probs: Tensor, rows: int) -> Tensor:
+    """A float64 buffer ``draw`` can use for up to ``rows`` rows as wide as ``probs``'s."""
+    return probs.new_empty(rows * -(-probs.shape[-1] // DRAW_BLOCK) * DRAW_BLOCK, dtype=torch.float64)
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -244,12 +248,12 @@ class _SlotDecoder:
         with torch.no_grad(), packed_linears(self.model, self.cache.slots):
             yield from self._admit()
             while any(o is not None for o in self.owner):
-                masks = self.cache.attention_masks(self.layer_types, self.window, self.eager_dtype)
+                masks = self.cache.begin_step(self.layer_types, self.window, self.eager_dtype)
                 logits = self.model(input_ids=self.tokens[:, None].to(self.device), attention_mask=masks,
                                     position_ids=self.cache.lengths[:, None].to(self.device), cache=self.cache,
                                     use_cache=True).logits[:, -1]
-                self.cache.lengths += torch.tensor([o is not None for o in self.owner], dtype=torch.long)
                 live = [s for s, o in enumerate(self.owner) if o is not None]
+                self.cache.lengths[live] += 1
                 yield from self._take(live, logits if len(live) == len(self.owner) else logits[live])
                 yield from self._admit()
                 if not self.waiting and None in self.owner:  # no prompt left to refill a slot: drop the ended
@@ -288,8 +292,7 @@ class _SlotDecoder:
         """Draw the next token of the slots ``live`` from their ``logits``; a slot whose row ends is freed."""
         steps = torch.tensor([len(self.out[self.owner[s][0]][self.owner[s][1]]) for s in live])
         if self.settings.temperature > 0 and self.workspace is None:
-            blocks = -(-logits.shape[-1] // DRAW_BLOCK)
-            self.workspace = logits.new_empty(self.cache.slots * blocks * DRAW_BLOCK, dtype=torch.float64)
+            self.workspace = draw_workspace(logits, self.cache.slots)
         chosen = _choose(logits, self.settings, self.points[live, steps].to(logits.device), self.workspace).cpu()
         self.tokens[live] = chosen
         stops = set(self.settings.stop_ids)

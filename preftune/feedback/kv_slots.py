@@ -50,13 +50,13 @@ class SlotLayer(DynamicLayer):
 class SlotCache(Cache):
     """The KV cache of a continuously batched decode: ``slots`` rows, each a sequence of its own length. A
     step writes every slot's new position at ``lengths[s]`` and attends to ``width`` = the longest slot's
-    positions, each slot through its own mask (``attention_masks``)."""
+    positions, each slot through its own mask (``begin_step``)."""
 
     def __init__(self, layers: int, slots: int):
         self.slots, self.capacity = slots, 0
         super().__init__(layers=[SlotLayer(self) for _ in range(layers)])
         self.lengths = torch.zeros(slots, dtype=torch.long)  # positions held per slot, on the CPU
-        # (slot, write position) of the coming step, on the model's device (set by ``attention_masks``)
+        # (slot, write position) of the coming step, on the model's device (set by ``begin_step``)
         self.step_index: tuple[Tensor, Tensor] = (torch.arange(0), torch.arange(0))
         self.width = 1
 
@@ -85,10 +85,11 @@ class SlotCache(Cache):
             layer.batch_select_indices(keep.to(layer.device))
         self.slots, self.lengths = len(keep), self.lengths[keep]
 
-    def attention_masks(self, layer_types: set[str], window: int | None, eager_dtype: torch.dtype | None):
-        """The masks of the next step (every slot's query at position ``lengths[s]``), for the attention
-        implementation: boolean for SDPA (True attends), additive in ``eager_dtype`` for the eager one; one mask,
-        or one per layer type when the model mixes full and sliding-window layers."""
+    def begin_step(self, layer_types: set[str], window: int | None, eager_dtype: torch.dtype | None):
+        """Set up the next step (each slot writes and queries at position ``lengths[s]``; ``width`` positions
+        are attended) and return its masks, in the attention implementation's format: boolean for SDPA (True
+        attends), additive in ``eager_dtype`` for the eager one; one mask, or one per layer type when the model
+        mixes full and sliding-window layers."""
         self.width = int(self.lengths.max()) + 1
         kv = torch.arange(self.width)
         query = self.lengths[:, None]
