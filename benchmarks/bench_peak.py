@@ -2,6 +2,7 @@
 
     python benchmarks/bench_peak.py [--threads 2]             # the peaks (fp32 and bf16 GEMM)
     python benchmarks/bench_peak.py --profile [--threads 2]   # one SmolLM2 LoRA step, op by op
+    python benchmarks/bench_peak.py --run smollm2.json          # the fraction a bench_dpo.py SmolLM2 run reached
 
 How FLOPs are counted: ``torch.utils.flop_counter.FlopCounterMode`` over one whole optimizer step of the
 preftune SmolLM2 run (the reference's forward, the policy's forward and backward: every matrix product
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -65,18 +67,21 @@ def run_peaks(workdir: Path) -> dict:
 
 
 def fraction_of_peak(smollm2: dict | None, threads: int) -> dict | None:
-    """The SmolLM2 LoRA bf16 run's achieved GFLOP/s against the peak its kernels run at (None without a run)."""
+    """The SmolLM2 LoRA bf16 run's achieved GFLOP/s (at the median tokens/s of its repeats) against the peak its
+    kernels run at, measured now; the peaks alone without a run."""
     with tempfile.TemporaryDirectory(prefix="bench-peak-") as tmp:
         peaks = run_worker(__file__, "peaks", Path(tmp), [], threads)
     out = {"fp32_peak_gflops": peaks["fp32"], "bf16_peak_gflops": peaks["bf16"], "native_bf16": peaks["native_bf16"]}
     if not smollm2:
         return out
-    run = smollm2["runs"]["preftune"][0]
-    achieved = run["flops_per_token"] * run["tokens_per_second"] / 1e9
+    runs = smollm2["runs"]["preftune"]
+    flops_per_token = runs[0]["flops_per_token"]  # every repeat trains on the same batches
+    achieved = flops_per_token * statistics.median(run["tokens_per_second"] for run in runs) / 1e9
     peak = peaks["bf16"] if peaks["native_bf16"] else peaks["fp32"]
-    out.update(achieved_gflops=achieved, flops_per_token=run["flops_per_token"],
+    out.update(achieved_gflops=achieved, flops_per_token=flops_per_token,
                kernels_run_in="bf16" if peaks["native_bf16"] else "fp32 (emulated bf16 kernels)",
-               fraction_of_peak=achieved / peak, fraction_of_bf16_peak=achieved / peaks["bf16"])
+               fraction_of_peak=achieved / peak, fraction_of_bf16_peak=achieved / peaks["bf16"],
+               fraction_of_peak_per_repeat=[flops_per_token * run["tokens_per_second"] / 1e9 / peak for run in runs])
     return out
 
 
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--run", type=Path, help="a bench_dpo.py --workload smollm2-lora --output file: the fraction of "
+                        "the peak (measured now) its preftune runs reached")
     parser.add_argument("--worker", choices=["peaks"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -141,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         profile_step()
         return 0
-    print(json.dumps(fraction_of_peak(None, args.threads), indent=2))
+    run = json.loads(args.run.read_text(encoding="utf-8"))["result"] if args.run else None
+    print(json.dumps(fraction_of_peak(run, args.threads), indent=2))
     return 0
 
 

@@ -64,3 +64,19 @@ def test_the_flop_counter_counts_cpu_attention_by_the_pairs_it_computes():
     with flop_counter() as counter:
         sdpa(q, k, v, is_causal=True).sum().backward()
     assert counter.get_total_flops() == 640 + 1600
+
+
+def test_the_fraction_of_peak_is_taken_at_the_median_rate_of_the_repeats(monkeypatch):
+    """Three repeats at 100, 300 and 200 tokens/s of 5e8 FLOPs each: the median, 200 tokens/s, is 100 GFLOP/s,
+    25% of a 400 GFLOP/s bf16 peak (the kernels' dtype when the CPU has bf16 units). Without bf16 units the
+    fp32 peak (160) is the one the kernels run at: 62.5%, and per repeat 50/160, 150/160 and 100/160."""
+    import bench_peak
+
+    run = {"runs": {"preftune": [{"flops_per_token": 5e8, "tokens_per_second": rate} for rate in (100, 300, 200)]}}
+    for native, expected in ((True, 0.25), (False, 0.625)):
+        monkeypatch.setattr(bench_peak, "run_worker",
+                            lambda *a, native=native: {"fp32": 160.0, "bf16": 400.0, "native_bf16": native})
+        out = bench_peak.fraction_of_peak(run, threads=2)
+        assert abs(out["achieved_gflops"] - 100.0) < 1e-9 and abs(out["fraction_of_peak"] - expected) < 1e-12
+        assert abs(out["fraction_of_bf16_peak"] - 0.25) < 1e-12
+    assert [round(f, 4) for f in out["fraction_of_peak_per_repeat"]] == [0.3125, 0.9375, 0.625]

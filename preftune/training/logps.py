@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .packing import backbone_hidden, prompt_lengths
 
@@ -83,6 +84,16 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 # At most this many fp32 logits per chunk (32 MB): a large vocabulary gets shorter chunks, so the few
 # [C, V] tensors alive at once (logits, log-softmax, their gradient) stay ~100 MB whatever V is.
 CHUNK_LOGITS = 8 * 2**20
+
+
+def _even_chunks(n: int, most: int) -> int:
+    """The chunk size that splits ``n`` positions into as few chunks of at most ``most`` as possible, all about
+    equally long: 351 positions in chunks of at most 170 become 117 + 117 + 117, not 170 + 170 + 11 (a product
+    with 11 rows runs at a third of the rate of one with 117; SmolLM2's head, 49,152 x 576)."""
+    if n <= most:
+        return max(n, 1)
+    pieces = -(-n // most)
+    return -(-n // pieces)
 
 
 def _vocabulary(head: nn.Module) -> int:
@@ -163,7 +174,7 @@ def completion_logps(
     selected = hidden[where[rows, cols]]
     targets = input_ids[:, 1:][rows, cols]
     softcap = _logit_softcap(model)
-    chunk_size = max(1, min(chunk_size, CHUNK_LOGITS // _vocabulary(head)))
+    chunk_size = _even_chunks(selected.shape[0], max(1, min(chunk_size, CHUNK_LOGITS // _vocabulary(head))))
     stats, ref_tokens = (head_stats or head_statistics)(head, selected, targets, chunk_size, softcap, sum_sq,
                                                         reference, ref_selected)
     n_rows = input_ids.shape[0]
@@ -226,8 +237,31 @@ def _linear_head(head: nn.Module, device: torch.device) -> tuple[Tensor, Tensor 
     bias = head.bias
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
     if not weight.requires_grad and (bias is None or not bias.requires_grad):
-        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        weight, bias = frozen_cast(weight, dtype), None if bias is None else bias.to(dtype)
     return weight, bias, dtype
+
+
+_FROZEN_CASTS = WeakIdKeyDictionary()
+
+
+def frozen_cast(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``weight.to(dtype)`` for a frozen weight, made once and kept while the weight's storage and version are
+    unchanged (an in-place update or a swapped ``.data`` makes a new one). A frozen head tied to the embedding
+    stays fp32 for the embedding's lookups (``precision.store_frozen_linears_in_bf16``), so under bf16 every
+    forward cast it again: 49,152 x 576 for SmolLM2, the policy's forward and the reference's, 20-80 ms each
+    on a 2-core CPU (most of it faulting in the fresh 57 MB), for the price of keeping one bf16 copy. Not
+    kept under inference mode (an inference tensor cannot be saved for a later backward). Sharded weights never
+    come here: ``_linear_head`` passes by ZeRO-3's and FSDP2's (accelerate makes the head a unit of its own,
+    whose class is no longer ``nn.Linear``; FSDP2 refills gathered weights without bumping their version)."""
+    if weight.dtype == dtype:
+        return weight
+    if torch.is_inference_mode_enabled():
+        return weight.to(dtype)
+    key = (weight.data_ptr(), weight._version, dtype, weight.device)
+    kept = _FROZEN_CASTS.get(weight)
+    if kept is None or kept[0] != key:
+        kept = _FROZEN_CASTS[weight] = (key, weight.detach().to(dtype))
+    return kept[1]
 
 
 def _chunk_head(head: nn.Module, device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -301,8 +335,8 @@ def _head_chunks(inputs: Tensor, weight: Tensor, bias: Tensor | None, chunk_size
     the product is fp32: the log-softmax then overwrites the logits)."""
     n, vocabulary = inputs.shape[0], weight.shape[0]
     rows = min(chunk_size, n)
-    logits = inputs.new_empty(rows, vocabulary, dtype=weight.dtype)
-    logprobs = logits if weight.dtype == torch.float32 else inputs.new_empty(rows, vocabulary, dtype=torch.float32)
+    logits = _workspace(rows, vocabulary, weight.dtype, inputs.device)
+    logprobs = logits if weight.dtype == torch.float32 else _workspace(rows, vocabulary, torch.float32, inputs.device)
     for start in range(0, n, chunk_size):
         part = slice(start, min(start + chunk_size, n))
         size = part.stop - start
@@ -312,6 +346,24 @@ def _head_chunks(inputs: Tensor, weight: Tensor, bias: Tensor | None, chunk_size
         if logprobs is not logits:
             logprobs[:size].copy_(logits[:size])
         yield part, logits[:size], torch.log_softmax(logprobs[:size], -1, out=logprobs[:size])
+
+
+_WORKSPACES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _workspace(rows: int, columns: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ``[rows, columns]`` scratch tensor over memory kept for the next call (one per dtype and device, grown
+    when too small, at most ``CHUNK_LOGITS`` fp32 entries for the log-prob chunks). ``HeadLogprobs`` needs two
+    per call, three calls a step with a reference; fresh ones (up to 33 MB for SmolLM2's 49k vocabulary) came
+    from the OS each time and each page faulted in on first write: 20 ms for the copy into one, against 1.3
+    ms into memory already mapped (2-core CPU). Only for scratch that never leaves the call."""
+    if torch.is_inference_mode_enabled():  # an inference tensor kept here could not be written outside it
+        return torch.empty(rows, columns, dtype=dtype, device=device)
+    key = dtype, torch.device(device)
+    kept = _WORKSPACES.get(key)
+    if kept is None or kept.numel() < rows * columns:
+        kept = _WORKSPACES[key] = torch.empty(rows * columns, dtype=dtype, device=device)
+    return kept[:rows * columns].view(rows, columns)
 
 
 class HeadStatistics(nn.Module):

@@ -116,3 +116,60 @@ def test_a_plain_head_gives_the_full_logits_values_and_gradients(batch, chunk, h
     for name, param in model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(fused[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(("positions", "most", "expected"), [(351, 170, 117), (340, 170, 170), (5, 170, 5),
+                                                             (0, 170, 1), (23, 7, 6), (171, 170, 86)])
+def test_positions_split_into_chunks_of_about_equal_length(positions, most, expected):
+    """ceil(n / ceil(n / most)): 351 positions with at most 170 a chunk need 3 chunks, 117 each (not 170, 170,
+    11); 171 need 2, 86 + 85; 23 with at most 7 need 4, 6 + 6 + 6 + 5."""
+    from preftune.training.logps import _even_chunks
+
+    assert _even_chunks(positions, most) == expected
+
+
+def test_a_frozen_weight_is_cast_once_until_it_changes():
+    """The bf16 copy of a frozen weight is the same tensor call after call, and a new one (with the new
+    values) after an in-place update of the parameter or a swapped ``.data``; under inference mode a copy is
+    made but not kept (it could not be saved for backward outside it)."""
+    from preftune.training.logps import frozen_cast
+
+    weight = torch.nn.Parameter(torch.randn(6, 4), requires_grad=False)
+    first = frozen_cast(weight, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, weight.to(torch.bfloat16))
+    assert frozen_cast(weight, torch.bfloat16) is first
+    assert frozen_cast(weight, torch.float32) is weight
+    with torch.no_grad():
+        weight.mul_(2)
+    second = frozen_cast(weight, torch.bfloat16)
+    assert second is not first and torch.equal(second, weight.to(torch.bfloat16))
+    weight.data = torch.full((6, 4), 3.0)
+    assert torch.equal(frozen_cast(weight, torch.bfloat16), torch.full((6, 4), 3.0, dtype=torch.bfloat16))
+    with torch.inference_mode():
+        inside = frozen_cast(torch.nn.Parameter(torch.ones(2, 2), requires_grad=False), torch.bfloat16)
+    assert inside.is_inference() and not frozen_cast(weight, torch.bfloat16).is_inference()
+
+
+def test_the_head_scratch_memory_is_reused_and_grows(batch):
+    """``HeadLogprobs`` works in scratch kept from call to call: a smaller request reuses the memory, a larger
+    one replaces it, a request under inference mode gets fresh memory; the log-probs stay the full-logits ones
+    through all three (inference mode first, then chunks of 1, then one chunk of every position)."""
+    from preftune.training import logps
+
+    small = logps._workspace(2, 3, torch.float32, torch.device("cpu"))
+    assert logps._workspace(1, 5, torch.float32, torch.device("cpu")).data_ptr() == small.data_ptr()
+    with torch.inference_mode():
+        assert logps._workspace(2, 3, torch.float32, torch.device("cpu")).data_ptr() != small.data_ptr()
+    logps._WORKSPACES.clear()
+    ids, attention, completion = batch
+    model = tiny_llama(seed=0).requires_grad_(False)
+    mask = completion[:, 1:]
+    target = full_logprobs(model, ids, attention).gather(-1, ids[:, 1:, None]).squeeze(-1)[mask]
+    with torch.inference_mode():
+        first = completion_logps(model, ids, attention, completion, chunk_size=4096).token_logps
+    assert not logps._WORKSPACES
+    for chunk, rows in ((1, 1), (4096, 23)):  # 23 completion positions, a 512-token vocabulary
+        out = completion_logps(model, ids, attention, completion, chunk_size=chunk).token_logps
+        torch.testing.assert_close(out, target, atol=1e-5, rtol=0)
+        assert logps._WORKSPACES[torch.float32, torch.device("cpu")].numel() == rows * 512
+    torch.testing.assert_close(first, target, atol=1e-5, rtol=0)
