@@ -9,7 +9,7 @@ accumulation. What makes that fast or slow on a given machine:
   (``store_frozen_linears_in_bf16``): the same numbers reach the matmuls (autocast would round them to bf16
   anyway), with half the memory and no casts. Only ``nn.Linear`` weights qualify: an embedding (possibly
   tied to the LM head) or a norm weight is read in fp32 by autocast, so it keeps its dtype; the log-prob
-  path casts a frozen head tied to the embedding once and keeps the copy (``logps.frozen_cast``).
+  path casts a frozen head tied to the embedding once and keeps the copy (``head_logprobs.frozen_cast``).
 - **CPUs without bf16 matrix units** (no AVX-512-BF16 / AMX: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``
   is false, e.g. AVX2-only x86) run PyTorch's bf16 matmuls in a generic kernel measured 5-40x slower than the
   fp32 one. There, ``emulated_bf16_matmuls`` computes each matmul-class op as a native bf16 kernel does

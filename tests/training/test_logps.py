@@ -63,12 +63,12 @@ def test_large_vocabularies_get_shorter_chunks(batch, monkeypatch):
     """CHUNK_LOGITS caps a chunk's logits: with room for 3 rows of the 512-token vocabulary, chunks of 4096
     positions become chunks of 3, and the sums still equal the full-logits ones (the general path, asked
     for log Σ p² too, and the plain head's path)."""
-    from preftune.training import logps
+    from preftune.training import head_logprobs, logps
 
     ids, attention, completion = batch
     model = tiny_llama(seed=0)
     sizes = {"general": [], "plain head": []}
-    chunk_stats, head_chunks = logps._chunk_stats, logps._head_chunks
+    chunk_stats, head_chunks = logps._chunk_stats, head_logprobs._head_chunks
 
     def recorded_chunks(inputs, *args):
         for part, logits, logprobs in head_chunks(inputs, *args):
@@ -78,7 +78,7 @@ def test_large_vocabularies_get_shorter_chunks(batch, monkeypatch):
     monkeypatch.setattr(logps, "CHUNK_LOGITS", 3 * 512)
     monkeypatch.setattr(logps, "_chunk_stats",
                         lambda head, hidden, *a: sizes["general"].append(len(hidden)) or chunk_stats(head, hidden, *a))
-    monkeypatch.setattr(logps, "_head_chunks", recorded_chunks)
+    monkeypatch.setattr(head_logprobs, "_head_chunks", recorded_chunks)
     target = full_logprobs(model, ids, attention).gather(-1, ids[:, 1:, None]).squeeze(-1)
     for sum_sq in (True, False):
         out = completion_logps(model, ids, attention, completion, chunk_size=4096, sum_sq=sum_sq)
@@ -132,7 +132,7 @@ def test_a_frozen_weight_is_cast_once_until_it_changes():
     """The bf16 copy of a frozen weight is the same tensor call after call, and a new one (with the new
     values) after an in-place update of the parameter or a swapped ``.data``; under inference mode a copy is
     made but not kept (it could not be saved for backward outside it)."""
-    from preftune.training.logps import frozen_cast
+    from preftune.training.head_logprobs import frozen_cast
 
     weight = torch.nn.Parameter(torch.randn(6, 4), requires_grad=False)
     first = frozen_cast(weight, torch.bfloat16)
@@ -154,22 +154,22 @@ def test_the_head_scratch_memory_is_reused_and_grows(batch):
     """``HeadLogprobs`` works in scratch kept from call to call: a smaller request reuses the memory, a larger
     one replaces it, a request under inference mode gets fresh memory; the log-probs stay the full-logits ones
     through all three (inference mode first, then chunks of 1, then one chunk of every position)."""
-    from preftune.training import logps
+    from preftune.training import head_logprobs
 
-    small = logps._workspace(2, 3, torch.float32, torch.device("cpu"))
-    assert logps._workspace(1, 5, torch.float32, torch.device("cpu")).data_ptr() == small.data_ptr()
+    small = head_logprobs._workspace(2, 3, torch.float32, torch.device("cpu"))
+    assert head_logprobs._workspace(1, 5, torch.float32, torch.device("cpu")).data_ptr() == small.data_ptr()
     with torch.inference_mode():
-        assert logps._workspace(2, 3, torch.float32, torch.device("cpu")).data_ptr() != small.data_ptr()
-    logps._WORKSPACES.clear()
+        assert head_logprobs._workspace(2, 3, torch.float32, torch.device("cpu")).data_ptr() != small.data_ptr()
+    head_logprobs._WORKSPACES.clear()
     ids, attention, completion = batch
     model = tiny_llama(seed=0).requires_grad_(False)
     mask = completion[:, 1:]
     target = full_logprobs(model, ids, attention).gather(-1, ids[:, 1:, None]).squeeze(-1)[mask]
     with torch.inference_mode():
         first = completion_logps(model, ids, attention, completion, chunk_size=4096).token_logps
-    assert not logps._WORKSPACES
+    assert not head_logprobs._WORKSPACES
     for chunk, rows in ((1, 1), (4096, 23)):  # 23 completion positions, a 512-token vocabulary
         out = completion_logps(model, ids, attention, completion, chunk_size=chunk).token_logps
         torch.testing.assert_close(out, target, atol=1e-5, rtol=0)
-        assert logps._WORKSPACES[torch.float32, torch.device("cpu")].numel() == rows * 512
+        assert head_logprobs._WORKSPACES[torch.float32, torch.device("cpu")].numel() == rows * 512
     torch.testing.assert_close(first, target, atol=1e-5, rtol=0)

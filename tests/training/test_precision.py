@@ -126,21 +126,21 @@ class _CastsOf(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_frozen_head_tied_to_the_embeddings_is_cast_to_bf16_once_per_forward(monkeypatch):
+def test_a_frozen_head_tied_to_the_embeddings_is_cast_to_bf16_once_and_kept(monkeypatch):
     """LoRA on a tiny Llama whose LM head is its frozen fp32 embedding (tied, so it stays fp32), 3 positions per
     chunk: 4 rows x 8 scored positions = 32 positions, ceil(32 / 3) = 11 chunks. Autocast alone casts the
     512 x 64 head weight at each chunk's forward and again at its recomputation in backward: 22 casts. preftune
-    casts it once for the call (and runs the chunks through ``HeadLogprobs``), and the log-probs and
-    LoRA gradients are bitwise the same."""
+    casts it once (and runs the chunks through ``HeadLogprobs``), and the log-probs and LoRA gradients are
+    bitwise the same; the next forward and backward reuse that copy (0 casts) and give the same numbers."""
     base = tiny_llama(seed=0)
     base.config.tie_word_embeddings = True
     base.lm_head.weight = base.model.embed_tokens.weight
     model = add_lora(base, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     ids, attention, completion = _batch()
     results = {}
-    for name in ("per chunk", "once"):
+    for name in ("per chunk", "once", "kept"):
         if name == "per chunk":  # what autocast does with the head itself
-            monkeypatch.setattr(logps, "_linear_head", lambda head, device: None)
+            monkeypatch.setattr(logps, "linear_head", lambda head, device: None)
         else:
             monkeypatch.undo()
         model.zero_grad(set_to_none=True)
@@ -149,9 +149,10 @@ def test_a_frozen_head_tied_to_the_embeddings_is_cast_to_bf16_once_per_forward(m
                 out = completion_logps(model, ids, attention, completion, chunk_size=3)
             out.sums.sum().backward()
         results[name] = casts.count, out.token_logps.detach(), layer_grad(model).clone()
-    (chunked, logps_a, grad_a), (once, logps_b, grad_b) = results["per chunk"], results["once"]
-    assert (chunked, once) == (22, 1)
+    (chunked, logps_a, grad_a), (once, logps_b, grad_b), (kept, logps_c, grad_c) = results.values()
+    assert (chunked, once, kept) == (22, 1, 0)
     assert torch.equal(logps_a, logps_b) and torch.equal(grad_a, grad_b)
+    assert torch.equal(logps_b, logps_c) and torch.equal(grad_b, grad_c)
 
 
 class _ActivationCasts(TorchDispatchMode):
