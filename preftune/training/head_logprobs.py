@@ -1,7 +1,7 @@
 """The LM head of the log-prob path when it is a plain ``nn.Linear`` (``logps.head_statistics`` decides).
 
 ``HeadLogprobs`` computes ``log_softmax(hidden @ W.T + b)[target]`` chunk by chunk in two scratch buffers kept
-from call to call, with a written-out backward; ``frozen_cast`` keeps the bf16 copy of a frozen head (SmolLM2's,
+from call to call, with a written-out backward; ``linear_head`` keeps the bf16 copy of a frozen head (SmolLM2's,
 tied to its fp32 embedding) from step to step. Both exist for the same reason: fresh multi-megabyte tensors
 come from the OS at each call and are faulted in page by page, which on a 2-core CPU cost more than the
 arithmetic around them (a SmolLM2 LoRA bf16 step: 12% less time with both kept).
@@ -11,47 +11,25 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
+
+from .precision import kept_cast
 
 
 def linear_head(head: nn.Module, device: torch.device) -> tuple[Tensor, Tensor | None, torch.dtype] | None:
     """``(weight, bias, dtype of the product)`` of a plain ``nn.Linear`` head; a frozen weight comes already
-    cast to that dtype (the autocast dtype when autocast is on) by ``frozen_cast``. (Autocast casts a frozen
-    weight again at every call: at every chunk, again when backward recomputes the chunk, and once more for
-    the reference. SmolLM2's LM head is tied to its frozen 49,152 x 576 embedding: 16 casts of 113 MB in a
-    forward and backward of 8 pairs with LoRA, 1.1 s of 9.5 s of operator time.) None for any other head:
-    quantized, wrapped, or sharded by DeepSpeed ZeRO-3."""
+    cast to that dtype (the autocast dtype when autocast is on), the copy kept (``precision.kept_cast``).
+    (Autocast casts a frozen weight again at every call: at every chunk, again when backward recomputes the
+    chunk, and once more for the reference. SmolLM2's LM head is tied to its frozen 49,152 x 576 embedding: 16
+    casts of 113 MB in a forward and backward of 8 pairs with LoRA, 1.1 s of 9.5 s of operator time.) None for
+    any other head: quantized, wrapped, or sharded by DeepSpeed ZeRO-3."""
     weight = getattr(head, "weight", None)
     if type(head) is not nn.Linear or type(weight) is not nn.Parameter or hasattr(weight, "ds_id"):
         return None
     bias = head.bias
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
     if not weight.requires_grad and (bias is None or not bias.requires_grad):
-        weight, bias = frozen_cast(weight, dtype), None if bias is None else bias.to(dtype)
+        weight, bias = kept_cast(weight, dtype), None if bias is None else bias.to(dtype)
     return weight, bias, dtype
-
-
-_FROZEN_CASTS = WeakIdKeyDictionary()
-
-
-def frozen_cast(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """``weight.to(dtype)`` for a frozen weight, made once and kept while the weight's storage and version are
-    unchanged (an in-place update or a swapped ``.data`` makes a new one). A frozen head tied to the embedding
-    stays fp32 for the embedding's lookups (``precision.store_frozen_linears_in_bf16``), so under bf16 every
-    forward cast it again: 49,152 x 576 for SmolLM2, the policy's forward and the reference's, 20-80 ms each
-    on a 2-core CPU (most of it faulting in the fresh 57 MB), for the price of keeping one bf16 copy. Not
-    kept under inference mode (an inference tensor cannot be saved for a later backward). Sharded weights never
-    come here: ``linear_head`` passes by ZeRO-3's and FSDP2's (accelerate makes the head a unit of its own,
-    whose class is no longer ``nn.Linear``; FSDP2 refills gathered weights without bumping their version)."""
-    if weight.dtype == dtype:
-        return weight
-    if torch.is_inference_mode_enabled():
-        return weight.to(dtype)
-    key = (weight.data_ptr(), weight._version, dtype, weight.device)
-    kept = _FROZEN_CASTS.get(weight)
-    if kept is None or kept[0] != key:
-        kept = _FROZEN_CASTS[weight] = (key, weight.detach().to(dtype))
-    return kept[1]
 
 
 class HeadLogprobs(torch.autograd.Function):

@@ -9,7 +9,7 @@ accumulation. What makes that fast or slow on a given machine:
   (``store_frozen_linears_in_bf16``): the same numbers reach the matmuls (autocast would round them to bf16
   anyway), with half the memory and no casts. Only ``nn.Linear`` weights qualify: an embedding (possibly
   tied to the LM head) or a norm weight is read in fp32 by autocast, so it keeps its dtype; the log-prob
-  path casts a frozen head tied to the embedding once and keeps the copy (``head_logprobs.frozen_cast``).
+  path casts a frozen head tied to the embedding once and keeps the copy (``kept_cast``).
 - **CPUs without bf16 matrix units** (no AVX-512-BF16 / AMX: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``
   is false, e.g. AVX2-only x86) run PyTorch's bf16 matmuls in a generic kernel measured 5-40x slower than the
   fp32 one. There, ``emulated_bf16_matmuls`` computes each matmul-class op as a native bf16 kernel does
@@ -180,21 +180,39 @@ def restore_frozen_linears(model: nn.Module, dtype: torch.dtype) -> None:
                 param.data = param.data.to(dtype)
 
 
-_COPIES = WeakIdKeyDictionary()  # fp32 tensor -> (its version, its bf16 copy, the copy's version)
+_KEPT_CASTS = WeakIdKeyDictionary()  # tensor -> ((storage, version, dtype), its copy, the copy's version)
+
+
+def kept_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, made once and kept while ``x``'s storage and version and the copy itself are unchanged
+    (an in-place update of ``x``, a swapped ``.data`` or a write into the copy makes a new one). Serves the
+    activations' shared casts (``_SharedCast``) and a frozen LM head tied to the fp32 embedding
+    (``head_logprobs.linear_head``): under bf16 every forward cast SmolLM2's 49,152 x 576 again, the policy's
+    and the reference's, 20-80 ms each on a 2-core CPU (most of it faulting in the fresh 57 MB), for the price
+    of keeping one bf16 copy. Not kept under inference mode (an inference tensor cannot be saved for a later
+    backward). Sharded weights never come here: ``linear_head`` passes by ZeRO-3's and FSDP2's (accelerate
+    makes the head a unit of its own, whose class is no longer ``nn.Linear``; FSDP2 refills gathered weights
+    without bumping their version)."""
+    if x.dtype == dtype:
+        return x
+    if torch.is_inference_mode_enabled():
+        return x.to(dtype)
+    key = (x.data_ptr(), x._version, dtype)
+    kept = _KEPT_CASTS.get(x)
+    if kept is None or kept[0] != key or kept[1]._version != kept[2]:
+        cast = x.detach().to(dtype)
+        kept = _KEPT_CASTS[x] = (key, cast, cast._version)
+    return kept[1]
 
 
 class _SharedCast(torch.autograd.Function):
-    """``x.to(dtype)`` made once per tensor and version and shared by every call. Each call is its own autograd
-    node whose backward casts the gradient back to ``x``'s dtype, as autocast's cast does."""
+    """``x.to(dtype)`` made once per tensor and version (``kept_cast``) and shared by every call. Each call is
+    its own autograd node whose backward casts the gradient back to ``x``'s dtype, as autocast's cast does."""
 
     @staticmethod
     def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:
         ctx.source = x.dtype
-        copy = _COPIES.get(x)
-        if copy is None or copy[0] != x._version or copy[1].dtype != dtype or copy[1]._version != copy[2]:
-            cast = x.to(dtype)
-            copy = _COPIES[x] = (x._version, cast, cast._version)
-        return copy[1].detach()  # a tensor of its own over the one copy, so that each call gets its own node
+        return kept_cast(x, dtype).detach()  # a tensor of its own over the one copy: each call its own node
 
     @staticmethod
     def backward(ctx, grad: Tensor):

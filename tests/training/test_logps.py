@@ -132,22 +132,22 @@ def test_a_frozen_weight_is_cast_once_until_it_changes():
     """The bf16 copy of a frozen weight is the same tensor call after call, and a new one (with the new
     values) after an in-place update of the parameter or a swapped ``.data``; under inference mode a copy is
     made but not kept (it could not be saved for backward outside it)."""
-    from preftune.training.head_logprobs import frozen_cast
+    from preftune.training.precision import kept_cast
 
     weight = torch.nn.Parameter(torch.randn(6, 4), requires_grad=False)
-    first = frozen_cast(weight, torch.bfloat16)
+    first = kept_cast(weight, torch.bfloat16)
     assert first.dtype == torch.bfloat16 and torch.equal(first, weight.to(torch.bfloat16))
-    assert frozen_cast(weight, torch.bfloat16) is first
-    assert frozen_cast(weight, torch.float32) is weight
+    assert kept_cast(weight, torch.bfloat16) is first
+    assert kept_cast(weight, torch.float32) is weight
     with torch.no_grad():
         weight.mul_(2)
-    second = frozen_cast(weight, torch.bfloat16)
+    second = kept_cast(weight, torch.bfloat16)
     assert second is not first and torch.equal(second, weight.to(torch.bfloat16))
     weight.data = torch.full((6, 4), 3.0)
-    assert torch.equal(frozen_cast(weight, torch.bfloat16), torch.full((6, 4), 3.0, dtype=torch.bfloat16))
+    assert torch.equal(kept_cast(weight, torch.bfloat16), torch.full((6, 4), 3.0, dtype=torch.bfloat16))
     with torch.inference_mode():
-        inside = frozen_cast(torch.nn.Parameter(torch.ones(2, 2), requires_grad=False), torch.bfloat16)
-    assert inside.is_inference() and not frozen_cast(weight, torch.bfloat16).is_inference()
+        inside = kept_cast(torch.nn.Parameter(torch.ones(2, 2), requires_grad=False), torch.bfloat16)
+    assert inside.is_inference() and not kept_cast(weight, torch.bfloat16).is_inference()
 
 
 def test_the_head_scratch_memory_is_reused_and_grows(batch):
