@@ -165,8 +165,11 @@ class RewardModel(nn.Module):
         last = attention_mask.sum(dim=1) - 1
         if self.meta.pooling == "last" and self.meta.kind == "decoder" and packing != "padded":
             backbone = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
-            hidden, where = backbone_hidden(backbone, input_ids, attention_mask, packing, shared_prefix)
-            pooled = hidden[where[torch.arange(input_ids.shape[0], device=input_ids.device), last]].float()
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            needed = torch.zeros_like(attention_mask, dtype=torch.bool)
+            needed[rows, last] = True
+            hidden, where = backbone_hidden(backbone, input_ids, attention_mask, packing, shared_prefix, needed)
+            pooled = hidden[where[rows, last]].float()
             return F.normalize(pooled, dim=-1) if self.meta.normalize else pooled
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
         if self.meta.pooling == "last":

@@ -139,14 +139,18 @@ class TokenReference:
     def selected_hidden(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, rows: Tensor,
                         cols: Tensor) -> Tensor:
         with self.disable() if self.disable else contextlib.nullcontext():
-            hidden, where = _hidden(self.backbone, input_ids, attention_mask, completion_mask, self.packing)
+            hidden, where = _hidden(self.backbone, input_ids, attention_mask, completion_mask, self.packing,
+                                    (rows, cols))
             return hidden[where[rows, cols]]
 
 
-def _hidden(backbone, input_ids, attention_mask, completion_mask, packing):
-    """(hidden (L, H), where (N, T)) of every row; rows with the same prompt share its computation."""
+def _hidden(backbone, input_ids, attention_mask, completion_mask, packing, read: tuple[Tensor, Tensor]):
+    """(hidden (L, H), where (N, T)) of every row; rows with the same prompt share its computation. Only the
+    states at the ``read`` (rows, cols) positions are computed to the end (``backbone_hidden``'s ``needed``)."""
+    needed = torch.zeros_like(completion_mask, dtype=torch.bool)
+    needed[read] = True
     return backbone_hidden(backbone, input_ids, attention_mask, packing,
-                           shared_prefix=prompt_lengths(completion_mask, attention_mask))
+                           shared_prefix=prompt_lengths(completion_mask, attention_mask), needed=needed)
 
 
 def completion_logps(
@@ -170,14 +174,20 @@ def completion_logps(
     ref_selected = None
     if reference is not None:
         ref_selected = reference.selected_hidden(input_ids, attention_mask, completion_mask, rows, cols)
-    hidden, where = _hidden(backbone, input_ids, attention_mask, completion_mask, packing)
+    n_rows = input_ids.shape[0]
+    last_prompt = None
+    read_rows, read_cols = rows, cols
+    if prompt_hidden:  # the position predicting the first completion token
+        last_prompt = (completion_mask.float().argmax(dim=1) - 1).clamp(min=0)
+        read_rows = torch.cat([rows, torch.arange(n_rows, device=rows.device)])
+        read_cols = torch.cat([cols, last_prompt])
+    hidden, where = _hidden(backbone, input_ids, attention_mask, completion_mask, packing, (read_rows, read_cols))
     selected = hidden[where[rows, cols]]
     targets = input_ids[:, 1:][rows, cols]
     softcap = _logit_softcap(model)
     chunk_size = _even_chunks(selected.shape[0], max(1, min(chunk_size, CHUNK_LOGITS // _vocabulary(head))))
     stats, ref_tokens = (head_stats or head_statistics)(head, selected, targets, chunk_size, softcap, sum_sq,
                                                         reference, ref_selected)
-    n_rows = input_ids.shape[0]
     out = SequenceLogps(
         sums=_row_sums(stats[:, 0], rows, n_rows), counts=predicts.sum(dim=1), token_logps=stats[:, 0],
         rows=rows, cols=cols + 1,
@@ -187,9 +197,8 @@ def completion_logps(
     if reference is not None:
         out.reference_token_logps = ref_tokens
         out.reference_sums = _row_sums(out.reference_token_logps, rows, n_rows)
-    if prompt_hidden:
-        last_prompt = completion_mask.float().argmax(dim=1) - 1  # the position predicting the first completion token
-        out.prompt_hidden = hidden[where[torch.arange(n_rows, device=hidden.device), last_prompt.clamp(min=0)]]
+    if last_prompt is not None:
+        out.prompt_hidden = hidden[where[torch.arange(n_rows, device=hidden.device), last_prompt]]
     return out
 
 

@@ -175,3 +175,90 @@ def test_a_row_that_is_all_prompt_shares_it_and_scores_nothing():
     shared = completion_logps(model, ids, attention, completion, packing="prefix_shared", prompt_hidden=True)
     torch.testing.assert_close(shared.sums, plain.sums, atol=1e-5, rtol=0)
     torch.testing.assert_close(shared.prompt_hidden, plain.prompt_hidden, atol=1e-5, rtol=0)
+
+
+def _rows_into(modules: dict[str, torch.nn.Module]) -> dict[str, list[int]]:
+    seen: dict[str, list[int]] = {name: [] for name in modules}
+    for name, module in modules.items():
+        module.register_forward_hook(lambda m, args, out, name=name: seen[name].append(args[0].shape[:-1].numel()))
+    return seen
+
+
+def test_the_last_layer_computes_only_the_rows_read():
+    """PAIRS pack into 36 tokens (above). The log-probs read the positions that predict a completion token:
+    one per completion token, 3+2+6+5+4+1 = 21, of which the three prompts' last positions are read by both
+    rows of their pair: 18 packed rows. The last layer's query and output projections and its MLP run on
+    those 18; the first layer, whose every row feeds the last layer's keys and values, runs on all 36; a plain
+    forward afterwards (generation) runs on all its rows again."""
+    ids, attention, completion = _random_rows(*PAIRS)
+    model = tiny_llama()
+    first, last = model.model.layers
+    seen = _rows_into({"first mlp": first.mlp, "q_proj": last.self_attn.q_proj, "o_proj": last.self_attn.o_proj,
+                       "mlp": last.mlp, "k_proj": last.self_attn.k_proj})
+    completion_logps(model, ids, attention, completion)
+    assert seen == {"first mlp": [36], "q_proj": [18], "o_proj": [18], "mlp": [18], "k_proj": [36]}
+    model(input_ids=ids[:1, :5])
+    assert seen["mlp"] == [18, 5] and seen["q_proj"] == [18, 5]
+
+
+def test_reading_fewer_rows_is_exact_under_gradient_checkpointing():
+    """Gradient checkpointing reruns the last layer's ``forward`` (not its hooks) in backward: the same 18 rows
+    (above) must be read there. The log-probs and every parameter's gradient equal the padded forward's (6 rows
+    x 11 = 66 rows, all computed)."""
+    ids, attention, completion = _random_rows(*PAIRS)
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    seen = _rows_into({"mlp": model.model.layers[-1].mlp})
+    results = {}
+    for run in ("padded", "prefix_shared"):
+        model.zero_grad()
+        out = completion_logps(model, ids, attention, completion, packing=run)
+        (out.sums * torch.arange(1.0, 7.0)).sum().backward()
+        results[run] = out.token_logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert seen["mlp"][0] == 66 and seen["mlp"][-2:] == [18, 18]  # packed: forward, then recomputed in backward
+    torch.testing.assert_close(results["prefix_shared"][0], results["padded"][0], atol=1e-5, rtol=0)
+    for name, grad in results["padded"][1].items():
+        torch.testing.assert_close(results["prefix_shared"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_reward_model_reads_each_texts_last_token():
+    """A reward model reads one state per text, its last token: the last layer of a grouped-query, sliding-window
+    Mistral runs on one query per attention block (sdpa's single-query path) and gives the padded states."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=3, pad_token_id=2)
+    torch.manual_seed(0)
+    backbone = MistralForCausalLM(config).eval().model
+    ids, attention, _ = _random_rows(*PAIRS)
+    last = attention.sum(dim=1) - 1
+    rows = torch.arange(ids.shape[0])
+    needed = torch.zeros_like(attention, dtype=torch.bool)
+    needed[rows, last] = True
+    seen = _rows_into({"mlp": backbone.layers[-1].mlp})
+    plain, where = backbone_hidden(backbone, ids, attention, "padded")
+    packed, packed_where = backbone_hidden(backbone, ids, attention, "prefix_shared", torch.tensor([4, 6, 5] * 2),
+                                           needed)
+    torch.testing.assert_close(packed[packed_where[rows, last]], plain[where[rows, last]], atol=1e-5, rtol=0)
+    assert seen["mlp"] == [ids.numel(), 6]
+
+
+def test_a_mixture_of_experts_last_layer_computes_every_row():
+    """A Mixtral layer routes tokens among experts (and records router logits over all rows): its rows are
+    not cut, and the packed log-probs still equal the padded ones."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from preftune.training.packing import _row_wise_modules
+
+    config = MixtralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    assert _row_wise_modules(model.model.layers[-1]) == []
+    ids, attention, completion = _random_rows(*PAIRS)
+    seen = _rows_into({"mlp": model.model.layers[-1].mlp})
+    plain = completion_logps(model, ids, attention, completion, packing="padded")
+    shared = completion_logps(model, ids, attention, completion, packing="prefix_shared")
+    torch.testing.assert_close(shared.token_logps, plain.token_logps, atol=1e-5, rtol=0)
+    assert seen["mlp"] == [ids.numel(), 36]

@@ -156,7 +156,7 @@ def test_a_frozen_head_tied_to_the_embeddings_is_cast_to_bf16_once_and_kept(monk
 
 
 class _ActivationCasts(TorchDispatchMode):
-    """Counts fp32 -> bf16 conversions of the tiny Llama's packed activations ``(1, L, 64)``."""
+    """Counts fp32 -> bf16 conversions of the tiny Llama's 3-D activations (hidden size 64)."""
 
     def __init__(self):
         super().__init__()
@@ -176,7 +176,9 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 @pytest.mark.parametrize("setup", ["lora", "lora with dropout", "full"])
 def test_one_bf16_copy_per_activation_changes_no_value_or_gradient(setup):
     """A tiny Llama (2 layers) under bf16 autocast, with LoRA on all seven projections or fully trainable;
-    fp32 -> bf16 casts of its ``(1, L, 64)`` activations in a forward and backward. Forward, autocast casts
+    fp32 -> bf16 casts of its ``(N, T, 64)`` activations in a forward and backward (padded, so that every
+    layer computes every row: a packed forward's last layer computes only the rows read, and the query
+    projection's input there is those rows, a tensor cast on its own). Forward, autocast casts
     the fp32 normed input of q, k and v once per linear call: with LoRA 6 casts (3 base layers, 3 adapters),
     plus 1 for o_proj's adapter (PEFT casts the bf16 attention output up to fp32, autocast back down), plus 4
     for gate and up: 11 per layer; fully trainable 3 + 2 = 5 per layer. Shared, it is 2 per layer: the
@@ -202,7 +204,7 @@ def test_one_bf16_copy_per_activation_changes_no_value_or_gradient(setup):
         torch.manual_seed(1)  # the same dropout masks
         with _ActivationCasts() as casts:
             with torch.autocast("cpu", dtype=BF16):
-                out = completion_logps(m, ids, attention, completion)
+                out = completion_logps(m, ids, attention, completion, packing="padded")
             out.sums.sum().backward()
         results.append((casts.count, out.token_logps.detach(), {n: p.grad for n, p in m.named_parameters()
                                                                    if p.grad is not None}))
