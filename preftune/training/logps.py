@@ -3,7 +3,8 @@
 The backbone runs once over all rows of a batch (chosen and rejected together); only the hidden states at
 positions that predict a completion token are projected to the vocabulary, in chunks (of at most
 ``chunk_size`` positions and ``CHUNK_LOGITS`` logits), and each chunk's log-softmax runs in fp32. Under autograd each chunk is checkpointed, so only its ``[C, H]`` input is kept
-for backward and the ``[C, V]`` logits are recomputed there: peak memory is one chunk of logits.
+for backward and the ``[C, V]`` logits are recomputed there: peak memory is one chunk of logits. The
+backbone's last layer computes only those positions (``packing``: its other rows would feed nothing).
 
 Token-level objectives ask for more per position, computed in the same chunks: ``log Σ_v p_v²`` (WPO
 weights) and, given a live reference, ``KL(π_ref ‖ π_θ)`` over the vocabulary (TDPO).

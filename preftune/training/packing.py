@@ -19,14 +19,14 @@ the packed sequence: a group's prefix with its first row is one causal sequence 
 each further row's queries attend to the prefix's keys and, causally, to their own (a small mask); no
 attention is ever computed between sibling rows or across groups.
 
-The last layer computes only the rows its caller reads (``needed``): a row's last hidden state matters only
-where it is read (for log-probs, the positions that predict a completion token; for a reward model, each
-text's last token), and the last layer is the only one whose other rows feed nothing, since only their keys
-and values, which come from the layer's input, are attended to. So in the last decoder layer the queries
-of the other rows are not computed, nor their attention, output projection and MLP (forward hooks run those
-row-wise modules on the read rows and put zeros elsewhere): with ~500-token prompts and 60-token completions
-that is 80% of the last layer's work, a sixth of a 4-layer model's (exact: the read rows get the same
-products). The other rows of the returned states then hold unspecified values.
+The last layer computes only the rows its caller reads (``needed``): log-probs read the positions that
+predict a completion token, a reward model each text's last token. Every row's output of an earlier layer
+feeds the next layer's keys and values, but in the last layer the other rows contribute only their keys and
+values, which come from the layer's input. So there their queries, attention, output projection and MLP are
+not computed (forward hooks run those row-wise modules on the read rows and put zeros elsewhere; the packed
+attention computes the read queries only): with ~500-token prompts and 60-token completions that is 80% of
+the last layer's work, a fifth of a 4-layer backbone's. Exact: the read rows get the same products. The
+other rows of the returned states then hold unspecified values.
 
 Models whose attention is not ``sdpa`` through that interface (eager attention with soft-capping or sinks,
 flash-attention, older architectures) keep the padded forward; so does a batch that is not right-padded.
