@@ -38,6 +38,11 @@ from torch.utils.checkpoint import checkpoint
 from .head_logprobs import HeadLogprobs, linear_head
 from .packing import backbone_hidden, prompt_lengths
 
+# Raised whenever the log-probs computed here change, even in their last bits (how positions are chunked, which
+# rows a layer computes): reference log-probs cached by another revision are then not reused (``reference``).
+# Before training, the policy is the reference, and its log-probs must equal the cached ones bit for bit.
+LOGPS_REVISION = 2
+
 
 @dataclass
 class SequenceLogps:

@@ -15,12 +15,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .. import modeling
 from ..config import Config
 from ..data import Collator, TokenizedExample, content_hash, row_layout
+from . import logps
 from .distributed import (
     Ranks,
     collate_shard,
@@ -176,8 +178,10 @@ def precompute(
     (NaN where an example has fewer completions).
 
     A table already at ``cache_file`` is reused: its key covers the reference weights, the tokenized data
-    (so tokenizer, text and truncation settings), the precision and the kernels that compute it. With several processes (``accelerator``)
-    each computes the rows of its share of ``batches`` (``Shard`` batches), the tables are summed across
+    (so tokenizer, text and truncation settings), and whatever sets the numbers' last bits: the precision, the
+    kernels, the packing, ``logps.LOGPS_REVISION`` and the torch and transformers versions (before training
+    the policy is the reference, and its log-probs must equal the cached ones exactly). With several
+    processes (``accelerator``) each computes the rows of its share of ``batches`` (``Shard`` batches), the tables are summed across
     processes, and the main process alone writes the file while the others wait.
     """
     ranks = Ranks.of(accelerator) if accelerator is not None else Ranks()
@@ -242,8 +246,9 @@ def precompute_reference(
     """Reference log-probs of a whole split, cached on disk under a hash of everything they depend on;
     each process of ``accelerator`` computes its share of every batch (``eval_batch_size`` per process)."""
     kernels = bf16_kernels(config.training.precision, accelerator.device)  # they set the last bits
-    key = cache_key(reference.weights_digest(), content_hash(examples),
-                    f"{config.training.precision}|{config.model.dtype}|{kernels}")
+    numerics = (f"{config.training.precision}|{config.model.dtype}|{kernels}|{config.training.packing}|"
+                f"logps-{logps.LOGPS_REVISION}|torch-{torch.__version__}|transformers-{transformers.__version__}")
+    key = cache_key(reference.weights_digest(), content_hash(examples), numerics)
     cache_file = Path(config.reference.cache_dir).expanduser() / f"{key}.safetensors"
     size = max(ex.index for ex in examples) + 1
     slots = max(len(ex.completions) for ex in examples)

@@ -130,8 +130,10 @@ def test_precomputed_reference_equals_live_reference_and_is_reused(base_config, 
                                                                    monkeypatch):
     """A reference that differs from the policy (other seed) makes step-1 losses differ from log 2; the
     precomputed cache must give the same losses as the live model, and a second run must reuse the file.
-    A run whose products would run on other kernels (bf16 emulated on another CPU: other last bits) must not:
-    it computes and writes its own tables."""
+    A run whose numbers could differ in their last bits must not: it computes and writes its own tables. So do
+    runs whose products would run on other kernels (bf16 emulated on another CPU), a padded run, and one of
+    another log-prob revision (a cache written before the last layer computed only the rows read made the
+    demo's untrained policy prefer 3 of 128 held-out pairs: rewards of ~1e-7 where they are 0 by definition)."""
     raw = copy.deepcopy(base_config)
     raw["reference"]["name_or_path"] = str(other_model_dir)
     live = run(raw, f"training.output_dir={tmp_path / 'live'}")
@@ -148,12 +150,17 @@ def test_precomputed_reference_equals_live_reference_and_is_reused(base_config, 
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
     log_text = (tmp_path / "again" / "train.log").read_text()
     assert "reusing cached reference log-probs" in log_text
-    from preftune.training import reference
+    from preftune.training import logps, reference
 
-    monkeypatch.setattr(reference, "bf16_kernels", lambda precision, device: "emulated")
-    run(raw, "reference.precompute=true", f"training.output_dir={tmp_path / 'other-kernels'}")
-    assert len(list((tmp_path / "refcache").glob("*.safetensors"))) == 4
-    assert "reusing cached" not in (tmp_path / "other-kernels" / "train.log").read_text()
+    for count, (name, *overrides) in enumerate([("padded", "training.packing=padded"), ("revision",),
+                                                ("other-kernels",)], start=2):
+        if name == "revision":
+            monkeypatch.setattr(logps, "LOGPS_REVISION", logps.LOGPS_REVISION + 1)
+        if name == "other-kernels":
+            monkeypatch.setattr(reference, "bf16_kernels", lambda precision, device: "emulated")
+        run(raw, "reference.precompute=true", f"training.output_dir={tmp_path / name}", *overrides)
+        assert len(list((tmp_path / "refcache").glob("*.safetensors"))) == 2 * count, name
+        assert "reusing cached" not in (tmp_path / name / "train.log").read_text()
 
 
 def test_lora_adapter_off_reference_equals_frozen_copy(base_config, tiny_model_dir, tmp_path):
