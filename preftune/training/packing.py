@@ -64,21 +64,15 @@ class Block:
         """Queries and keys are the same span: plain causal attention (sdpa's own causal kernel)."""
         return self.keys == [self.query]
 
-    def mask(self, sliding_window: int | None) -> Tensor | None:
-        """(1, 1, Q, K) bool, True where a query may attend to a key; None for plain causal attention."""
-        if self.causal and sliding_window is None:
+    def mask(self, sliding_window: int | None, queries: Tensor | None = None) -> Tensor | None:
+        """(1, 1, Q, K) bool, True where a query may attend to a key; None for plain causal attention.
+        ``queries``: offsets of the only queries to mask for (the read ones), ``(1, 1, q, K)``."""
+        if queries is None and self.causal and sliding_window is None:
             return None
-        q, k = self.query_positions[:, None], self.key_positions[None, :]
+        positions = self.query_positions if queries is None else self.query_positions[queries]
+        q, k = positions[:, None], self.key_positions[None, :]
         allowed = k <= q
         if sliding_window is not None:  # as transformers' sliding_window_overlay: q - kv < window
-            allowed &= (q - k) < sliding_window
-        return allowed[None, None]
-
-    def read_mask(self, sliding_window: int | None) -> Tensor:
-        """(1, 1, q, K) bool: ``mask`` for the read queries only."""
-        q, k = self.query_positions[self.read][:, None], self.key_positions[None, :]
-        allowed = k <= q
-        if sliding_window is not None:
             allowed &= (q - k) < sliding_window
         return allowed[None, None]
 
@@ -192,7 +186,7 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             rows = queries.new_zeros(queries.shape[0], queries.shape[2], queries.shape[1], value.shape[-1])
             if block.read.numel():
                 out, _ = sdpa_attention_forward(module, queries.index_select(2, block.read), keys, values,
-                                                block.read_mask(sliding_window), dropout=dropout, scaling=scaling,
+                                                block.mask(sliding_window, block.read), dropout=dropout, scaling=scaling,
                                                 is_causal=False)
                 rows = rows.index_copy(1, block.read, out)
             outputs.append(rows)

@@ -181,8 +181,8 @@ def precompute(
     (so tokenizer, text and truncation settings), and whatever sets the numbers' last bits: the precision, the
     kernels, the packing, ``logps.LOGPS_REVISION`` and the torch and transformers versions (before training
     the policy is the reference, and its log-probs must equal the cached ones exactly). With several
-    processes (``accelerator``) each computes the rows of its share of ``batches`` (``Shard`` batches), the tables are summed across
-    processes, and the main process alone writes the file while the others wait.
+    processes (``accelerator``) each computes the rows of its share of ``batches`` (``Shard`` batches), the
+    tables are summed across processes, and the main process alone writes the file while the others wait.
     """
     ranks = Ranks.of(accelerator) if accelerator is not None else Ranks()
     cached = load_file(str(cache_file))["reference_logps"] if cache_file.is_file() else None

@@ -59,6 +59,8 @@ def test_pack_rows_layout_by_hand():
     assert (third.query, third.causal) == ((5, 8), True)
     window = first.mask(2)[0, 0]  # position p sees p-1 and p
     assert window.long().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    # the last layer's read queries only (A's positions 1 and 2, which predict its completion 7 8): causal rows
+    assert first.mask(None, torch.tensor([1, 2]))[0, 0].long().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
 
 
 def test_left_padding_is_not_packed():
