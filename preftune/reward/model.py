@@ -166,9 +166,7 @@ class RewardModel(nn.Module):
         if self.meta.pooling == "last" and self.meta.kind == "decoder" and packing != "padded":
             backbone = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-            needed = torch.zeros_like(attention_mask, dtype=torch.bool)
-            needed[rows, last] = True
-            hidden, where = backbone_hidden(backbone, input_ids, attention_mask, packing, shared_prefix, needed)
+            hidden, where = backbone_hidden(backbone, input_ids, attention_mask, packing, shared_prefix, (rows, last))
             pooled = hidden[where[rows, last]].float()
             return F.normalize(pooled, dim=-1) if self.meta.normalize else pooled
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()

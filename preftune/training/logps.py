@@ -152,11 +152,9 @@ class TokenReference:
 
 def _hidden(backbone, input_ids, attention_mask, completion_mask, packing, read: tuple[Tensor, Tensor]):
     """(hidden (L, H), where (N, T)) of every row; rows with the same prompt share its computation. Only the
-    states at the ``read`` (rows, cols) positions are computed to the end (``backbone_hidden``'s ``needed``)."""
-    needed = torch.zeros_like(completion_mask, dtype=torch.bool)
-    needed[read] = True
+    states at the ``read`` (rows, cols) positions are computed to the end (``backbone_hidden``)."""
     return backbone_hidden(backbone, input_ids, attention_mask, packing,
-                           shared_prefix=prompt_lengths(completion_mask, attention_mask), needed=needed)
+                           shared_prefix=prompt_lengths(completion_mask, attention_mask), read=read)
 
 
 def completion_logps(

@@ -19,7 +19,7 @@ the packed sequence: a group's prefix with its first row is one causal sequence 
 each further row's queries attend to the prefix's keys and, causally, to their own (a small mask); no
 attention is ever computed between sibling rows or across groups.
 
-The last layer computes only the rows its caller reads (``needed``): log-probs read the positions that
+The last layer computes only the rows its caller reads (``read``): log-probs read the positions that
 predict a completion token, a reward model each text's last token. Every row's output of an earlier layer
 feeds the next layer's keys and values, but in the last layer the other rows contribute only their keys and
 values, which come from the layer's input. So there their queries, attention, output projection and MLP are
@@ -295,26 +295,28 @@ def _stop_reading(module: nn.Module, args: tuple, output) -> None:
     _READ.rows = None
 
 
-def _set_read(packed: PackedBatch, backbone: nn.Module, needed: Tensor) -> None:
-    """Make the last layer of ``backbone`` compute only the packed rows of the ``needed`` (N, T) positions."""
+def _set_read(packed: PackedBatch, backbone: nn.Module, read: tuple[Tensor, Tensor]) -> None:
+    """Make the last layer of ``backbone`` compute only the packed rows of the ``read`` (rows, cols) positions."""
     layer = _last_layer(backbone)
-    read = packed.where[needed & (packed.where >= 0)].unique()
-    if layer is None or read.numel() == packed.tokens:
+    indices = packed.where[read]
+    indices = indices[indices >= 0].unique()
+    if layer is None or indices.numel() == packed.tokens:
         return
-    packed.read, packed.last_attention = read, layer.self_attn
+    packed.read, packed.last_attention = indices, layer.self_attn
     for block in packed.blocks:
         start, end = block.query
-        block.read = read[(read >= start) & (read < end)] - start
+        block.read = indices[(indices >= start) & (indices < end)] - start
 
 
 def backbone_hidden(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, packing: str = "prefix_shared",
-                    shared_prefix: Tensor | None = None, needed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    shared_prefix: Tensor | None = None, read: tuple[Tensor, Tensor] | None = None
+                    ) -> tuple[Tensor, Tensor]:
     """Last hidden states of every row's tokens: ``(hidden (L, H), where (N, T))``, where ``hidden[where[r, t]]``
     is row r's state at position t (``where`` is -1 at padding).
 
     ``packing``: ``prefix_shared`` (rows with the same ``shared_prefix`` tokens compute it once),
     ``padding_free`` (no padding, nothing shared) or ``padded`` (the plain batch). A model or batch that
-    cannot be packed runs padded. ``needed`` (N, T) bool: the positions the caller reads; a packed forward's
+    cannot be packed runs padded. ``read`` ``(rows, cols)``: the positions the caller reads; a packed forward's
     last layer then computes those rows only, and the states at other positions are unspecified.
     """
     if packing not in MODES:
@@ -333,8 +335,8 @@ def backbone_hidden(backbone: nn.Module, input_ids: Tensor, attention_mask: Tens
         where = torch.arange(n_rows * width, device=input_ids.device).view(n_rows, width)
         return hidden.reshape(n_rows * width, -1), where.masked_fill(attention_mask == 0, -1)
     _use_packed_attention(backbone.config)
-    if needed is not None:
-        _set_read(packed, backbone, needed)
+    if read is not None:
+        _set_read(packed, backbone, read)
     # A 4-D mask is passed through untouched (transformers builds none); the packed attention ignores it.
     hidden = backbone(input_ids=packed.input_ids, attention_mask=_NO_MASK.to(input_ids.device),
                       position_ids=packed.position_ids, use_cache=False, preftune_packed=packed).last_hidden_state

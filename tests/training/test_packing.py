@@ -236,12 +236,10 @@ def test_a_reward_model_reads_each_texts_last_token():
     ids, attention, _ = _random_rows(*PAIRS)
     last = attention.sum(dim=1) - 1
     rows = torch.arange(ids.shape[0])
-    needed = torch.zeros_like(attention, dtype=torch.bool)
-    needed[rows, last] = True
     seen = _rows_into({"mlp": backbone.layers[-1].mlp})
     plain, where = backbone_hidden(backbone, ids, attention, "padded")
     packed, packed_where = backbone_hidden(backbone, ids, attention, "prefix_shared", torch.tensor([4, 6, 5] * 2),
-                                           needed)
+                                           (rows, last))
     torch.testing.assert_close(packed[packed_where[rows, last]], plain[where[rows, last]], atol=1e-5, rtol=0)
     assert seen["mlp"] == [ids.numel(), 6]
 
