@@ -1,7 +1,8 @@
 """The LM head of the log-prob path when it is a plain ``nn.Linear`` (``logps.head_statistics`` decides).
 
 ``HeadLogprobs`` computes ``log_softmax(hidden @ W.T + b)[target]`` chunk by chunk in two scratch buffers kept
-from call to call, with a written-out backward; ``linear_head`` keeps the bf16 copy of a frozen head (SmolLM2's,
+from call to call, with a written-out backward that reads the forward's log-softmax when it was small enough
+to keep (``KEPT_LOGITS``) and recomputes it otherwise; ``linear_head`` keeps the bf16 copy of a frozen head (SmolLM2's,
 tied to its fp32 embedding) from step to step. Both exist for the same reason: fresh multi-megabyte tensors
 come from the OS at each call and are faulted in page by page, which on a 2-core CPU cost more than the
 arithmetic around them (a SmolLM2 LoRA bf16 step: 12% less time with both kept).
@@ -40,22 +41,29 @@ class HeadLogprobs(torch.autograd.Function):
     zero gradient to scatter the targets' gradients into, the log-softmax backward's output and its cast back
     to the product's dtype: ten fresh ``[C, V]`` tensors. Here one ``[C, V]`` buffer in the product's dtype and
     one in fp32 serve every chunk: forward writes the logits, their fp32 copy and the log-softmax in place and
-    keeps the targets' entries; backward recomputes them, turns the log-softmax into ``-g p`` in place, adds
+    keeps the targets' entries; backward recomputes them (or, when the forward could keep its whole
+    log-softmax, ``KEPT_LOGITS``, reads it: one product fewer), turns the log-softmax into ``-g p`` in place, adds
     ``g`` at the targets (autograd's log-softmax backward, term for term) and multiplies by the weight for the
     hidden states' gradient and, for a trainable head, by the hidden states for the weight's (summed over
     chunks in fp32). Operands and roundings are autocast's: bf16 products, fp32 softmax. (SmolLM2-135M with
     LoRA, forward and backward of 8 rows: 10% less time, bitwise the same log-probs and gradients; a tiny
-    Llama step in fp32, alternating runs: 23% less time with a 32k vocabulary, 5% with 8k.)"""
+    Llama step in fp32, alternating runs: 23% less time with a 32k vocabulary, 5% with 8k; the kept
+    log-softmax, later: tiny-8k step 1.00-1.15 -> 0.84-0.90 s, 4 alternating pairs, 40-50 MB more memory.)"""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, targets: Tensor,
-                chunk_size: int) -> Tensor:
+                chunk_size: int, grad_enabled: bool = False) -> Tensor:
         ctx.chunk_size = chunk_size
         with torch.autocast(hidden.device.type, enabled=False):  # the operands' dtypes are settled here
             inputs, product_weight = hidden.to(dtype), weight.to(dtype)
             product_bias = None if bias is None else bias.to(dtype)
             out = torch.empty(inputs.shape[0], dtype=torch.float32, device=inputs.device)
-            for part, _, logprobs in _head_chunks(inputs, product_weight, product_bias, chunk_size):
+            # needs_input_grad says which inputs require grad even under no_grad: the caller says whether
+            # autograd records this call (an evaluation forward of a trainable head does not)
+            differentiated = grad_enabled and any(ctx.needs_input_grad[:3])
+            ctx.kept = _keep_for_backward(inputs.shape[0], weight.shape[0], inputs.device) if differentiated else None
+            kept = None if ctx.kept is None else _WORKSPACES[_KEPT]
+            for part, _, logprobs in _head_chunks(inputs, product_weight, product_bias, chunk_size, kept):
                 out[part] = logprobs.gather(1, targets[part, None]).squeeze(1)
         ctx.save_for_backward(inputs, product_weight, product_bias, targets)
         ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
@@ -68,8 +76,11 @@ class HeadLogprobs(torch.autograd.Function):
         grad_inputs = torch.empty_like(inputs) if wants_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if wants_bias else None
+        kept = _kept_by(ctx.kept, inputs.shape[0], weight.shape[0])
         with torch.autocast(inputs.device.type, enabled=False):
-            for part, logits, logprobs in _head_chunks(inputs, weight, bias, ctx.chunk_size):
+            chunks = (_head_chunks(inputs, weight, bias, ctx.chunk_size) if kept is None
+                      else _kept_chunks(kept, ctx.chunk_size, weight.dtype))
+            for part, logits, logprobs in chunks:
                 g = grad[part]
                 probs = logprobs.exp_().mul_(-g[:, None])  # d log p_t / d logit_v = [v = t] - p_v
                 probs[torch.arange(probs.shape[0], device=probs.device), targets[part]] += g
@@ -85,28 +96,74 @@ class HeadLogprobs(torch.autograd.Function):
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         return (None if grad_inputs is None else grad_inputs.to(hidden_dtype),
                 None if grad_weight is None else grad_weight.to(weight_dtype),
-                None if grad_bias is None else grad_bias.to(bias_dtype), None, None, None)
+                None if grad_bias is None else grad_bias.to(bias_dtype), None, None, None, None)
 
 
-def _head_chunks(inputs: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int):
+def _head_chunks(inputs: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int, kept: Tensor | None = None):
     """``(slice, logits, their fp32 log-softmax)`` for each chunk of ``inputs``, all in two buffers (one when
-    the product is fp32: the log-softmax then overwrites the logits)."""
+    the product is fp32: the log-softmax then overwrites the logits). ``kept``: an fp32 tensor of at least
+    ``[N, V]`` entries that holds every chunk's log-softmax instead (for backward to read)."""
     n, vocabulary = inputs.shape[0], weight.shape[0]
-    rows = min(chunk_size, n)
-    logits = _workspace(rows, vocabulary, weight.dtype, inputs.device)
-    logprobs = logits if weight.dtype == torch.float32 else _workspace(rows, vocabulary, torch.float32, inputs.device)
+    rows, fp32 = min(chunk_size, n), weight.dtype == torch.float32
+    if kept is None:
+        logits = _workspace(rows, vocabulary, weight.dtype, inputs.device)
+        logprobs = logits if fp32 else _workspace(rows, vocabulary, torch.float32, inputs.device)
+    else:  # each chunk's log-softmax in its own rows of kept; bf16 logits still pass through a bf16 buffer
+        logprobs = kept[: n * vocabulary].view(n, vocabulary)
+        logits = logprobs if fp32 else _workspace(rows, vocabulary, weight.dtype, inputs.device)
     for start in range(0, n, chunk_size):
         part = slice(start, min(start + chunk_size, n))
         size = part.stop - start
-        torch.mm(inputs[part], weight.t(), out=logits[:size])
+        chunk = logprobs[:size] if kept is None else logprobs[part]
+        product = chunk if logits is logprobs else logits[:size]
+        torch.mm(inputs[part], weight.t(), out=product)
         if bias is not None:
-            logits[:size] += bias
-        if logprobs is not logits:
-            logprobs[:size].copy_(logits[:size])
-        yield part, logits[:size], torch.log_softmax(logprobs[:size], -1, out=logprobs[:size])
+            product += bias
+        if logits is not logprobs:
+            chunk.copy_(product)
+        yield part, product, torch.log_softmax(chunk, -1, out=chunk)
 
 
-_WORKSPACES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+def _kept_chunks(kept: Tensor, chunk_size: int, dtype: torch.dtype):
+    """The chunks of a log-softmax the forward kept (``_head_chunks``' triples), with a scratch buffer in the
+    product's dtype for a bf16 product of each chunk's gradient."""
+    n = kept.shape[0]
+    scratch = None if dtype == torch.float32 else _workspace(min(chunk_size, n), kept.shape[1], dtype, kept.device)
+    for start in range(0, n, chunk_size):
+        part = slice(start, min(start + chunk_size, n))
+        yield part, kept[part] if scratch is None else scratch[: part.stop - start], kept[part]
+
+
+_WORKSPACES: dict[tuple, Tensor] = {}
+# The forward of a call that will be differentiated keeps its whole log-softmax (not one chunk's) for its
+# backward when it has at most this many entries (64 MB in fp32; a tiny Llama's 8 pairs with 8k vocabulary
+# and 96-token completions: 1,552 x 8,192 = 12.7M): the backward then skips recomputing the logits, one [N, H]
+# x [H, V] product of the head's five. Kept in memory that serves every such call, so the backward checks
+# that no later differentiated forward wrote there since (``_kept_by``). Larger ones (a 32k vocabulary,
+# SmolLM2's 49k) would cost more memory than the product saves time: they are recomputed chunk by chunk.
+KEPT_LOGITS = 16 * 2**20
+_KEPT = "kept log-softmax"
+_kept_owner: list = [None]
+
+
+def _keep_for_backward(rows: int, columns: int, device: torch.device) -> object | None:
+    """A token for the kept-log-softmax memory, sized for ``[rows, columns]``, or None when it would not fit."""
+    if rows * columns > KEPT_LOGITS:
+        return None
+    kept = _WORKSPACES.get(_KEPT)
+    if kept is None or kept.numel() < rows * columns or kept.device != torch.device(device):
+        _WORKSPACES[_KEPT] = torch.empty(rows * columns, dtype=torch.float32, device=device)
+    _kept_owner[0] = token = object()
+    return token
+
+
+def _kept_by(token: object | None, rows: int, columns: int) -> Tensor | None:
+    """The ``[rows, columns]`` log-softmax the forward holding ``token`` kept, if nothing overwrote it since;
+    claimed (the backward turns it into gradients in place)."""
+    if token is None or _kept_owner[0] is not token:
+        return None
+    _kept_owner[0] = None
+    return _WORKSPACES[_KEPT][: rows * columns].view(rows, columns)
 
 
 def _workspace(rows: int, columns: int, dtype: torch.dtype, device: torch.device) -> Tensor:

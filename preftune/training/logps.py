@@ -214,7 +214,7 @@ def head_statistics(head: nn.Module, selected: Tensor, targets: Tensor, chunk_si
     log-probs only goes through ``HeadLogprobs`` instead (the same values, far less memory traffic)."""
     linear = linear_head(head, selected.device)
     if linear is not None and not (softcap or sum_sq or reference is not None):
-        return HeadLogprobs.apply(selected, *linear, targets, chunk_size)[:, None], None
+        return HeadLogprobs.apply(selected, *linear, targets, chunk_size, torch.is_grad_enabled())[:, None], None
     pieces, ref_pieces = [], []
     head = _chunk_head(head, selected.device)
     ref_head = _chunk_head(reference.head, selected.device) if ref_selected is not None else None

@@ -173,3 +173,55 @@ def test_the_head_scratch_memory_is_reused_and_grows(batch):
         torch.testing.assert_close(out, target, atol=1e-5, rtol=0)
         assert head_logprobs._WORKSPACES[torch.float32, torch.device("cpu")].numel() == rows * 512
     torch.testing.assert_close(first, target, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("head", ["frozen", "trainable with bias"])
+def test_a_kept_log_softmax_gives_the_recomputed_gradients_bitwise(batch, chunk, precision, head, monkeypatch):
+    """A differentiated ``HeadLogprobs`` forward keeps its log-softmax (23 positions x 512 = 11,776 entries,
+    under ``KEPT_LOGITS``) and its backward reads it instead of recomputing the logits: no head product runs
+    in backward, and the log-probs and every gradient are bitwise those of the recomputing backward
+    (``KEPT_LOGITS = 0``), in fp32 and under bf16 autocast. A second differentiated forward before the first
+    one's backward takes the kept memory: the first backward then recomputes, with the same gradients; a forward
+    under ``no_grad`` (an evaluation) leaves it alone, though the head's weight requires grad."""
+    from preftune.training import head_logprobs
+
+    ids, attention, completion = batch
+    model = tiny_llama(seed=0)
+    if "bias" in head:
+        model.lm_head.bias = torch.nn.Parameter(torch.randn(512, generator=torch.Generator().manual_seed(3)))
+    else:
+        model.lm_head.requires_grad_(False)
+    calls, head_chunks = [], head_logprobs._head_chunks
+    monkeypatch.setattr(head_logprobs, "_head_chunks", lambda *a: calls.append(len(a[0])) or head_chunks(*a))
+
+    def run(between=None):
+        model.zero_grad()
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = completion_logps(model, ids, attention, completion, chunk_size=chunk)
+            if between is not None:  # another forward (another batch's) before this one's backward
+                between(lambda: completion_logps(model, ids.flip(0), attention.flip(0), completion.flip(0), chunk))
+        forward_calls = len(calls)
+        out.sums.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.token_logps.detach(), grads, forward_calls, len(calls) - forward_calls
+
+    def without_grad(forward):
+        with torch.no_grad():
+            forward()
+
+    kept_logps, kept_grads, forward_calls, backward_calls = run()
+    assert (forward_calls, backward_calls) == (1, 0)
+    assert head_logprobs._kept_owner[0] is None  # the backward claimed it
+    assert run(between=without_grad)[3] == 0  # an evaluation forward leaves the kept memory alone
+    stale_logps, stale_grads, _, stale_backward_calls = run(between=lambda forward: forward())
+    assert stale_backward_calls == 1  # a differentiated one takes it: recomputed
+    monkeypatch.setattr(head_logprobs, "KEPT_LOGITS", 0)
+    logps, grads, _, backward_calls = run()
+    assert backward_calls == 1
+    assert torch.equal(kept_logps, logps) and torch.equal(stale_logps, logps)
+    assert kept_grads.keys() == grads.keys() == stale_grads.keys() and len(grads) > 4
+    for name, grad in grads.items():
+        assert torch.equal(kept_grads[name], grad) and torch.equal(stale_grads[name], grad), name
