@@ -61,8 +61,8 @@ class HeadLogprobs(torch.autograd.Function):
             # needs_input_grad says which inputs require grad even under no_grad: the caller says whether
             # autograd records this call (an evaluation forward of a trainable head does not)
             differentiated = grad_enabled and any(ctx.needs_input_grad[:3])
-            ctx.kept = _keep_for_backward(inputs.shape[0], weight.shape[0], inputs.device) if differentiated else None
-            kept = None if ctx.kept is None else _WORKSPACES[_KEPT]
+            ctx.kept, kept = _keep_for_backward(inputs.shape[0], weight.shape[0], inputs.device) \
+                if differentiated else (None, None)
             for part, _, logprobs in _head_chunks(inputs, product_weight, product_bias, chunk_size, kept):
                 out[part] = logprobs.gather(1, targets[part, None]).squeeze(1)
         ctx.save_for_backward(inputs, product_weight, product_bias, targets)
@@ -101,15 +101,15 @@ class HeadLogprobs(torch.autograd.Function):
 
 def _head_chunks(inputs: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int, kept: Tensor | None = None):
     """``(slice, logits, their fp32 log-softmax)`` for each chunk of ``inputs``, all in two buffers (one when
-    the product is fp32: the log-softmax then overwrites the logits). ``kept``: an fp32 tensor of at least
-    ``[N, V]`` entries that holds every chunk's log-softmax instead (for backward to read)."""
+    the product is fp32: the log-softmax then overwrites the logits). ``kept``: an ``[N, V]`` fp32 tensor that
+    holds every chunk's log-softmax instead (for backward to read)."""
     n, vocabulary = inputs.shape[0], weight.shape[0]
     rows, fp32 = min(chunk_size, n), weight.dtype == torch.float32
     if kept is None:
         logits = _workspace(rows, vocabulary, weight.dtype, inputs.device)
         logprobs = logits if fp32 else _workspace(rows, vocabulary, torch.float32, inputs.device)
     else:  # each chunk's log-softmax in its own rows of kept; bf16 logits still pass through a bf16 buffer
-        logprobs = kept[: n * vocabulary].view(n, vocabulary)
+        logprobs = kept
         logits = logprobs if fp32 else _workspace(rows, vocabulary, weight.dtype, inputs.device)
     for start in range(0, n, chunk_size):
         part = slice(start, min(start + chunk_size, n))
@@ -146,15 +146,16 @@ _KEPT = "kept log-softmax"
 _kept_owner: list = [None]
 
 
-def _keep_for_backward(rows: int, columns: int, device: torch.device) -> object | None:
-    """A token for the kept-log-softmax memory, sized for ``[rows, columns]``, or None when it would not fit."""
+def _keep_for_backward(rows: int, columns: int, device: torch.device) -> tuple[object, Tensor] | tuple[None, None]:
+    """``(token, [rows, columns] fp32 tensor)`` in the kept-log-softmax memory, the token now its owner's; or
+    ``(None, None)`` when that would take more than ``KEPT_LOGITS`` entries."""
     if rows * columns > KEPT_LOGITS:
-        return None
+        return None, None
     kept = _WORKSPACES.get(_KEPT)
-    if kept is None or kept.numel() < rows * columns or kept.device != torch.device(device):
-        _WORKSPACES[_KEPT] = torch.empty(rows * columns, dtype=torch.float32, device=device)
+    if kept is None or kept.numel() < rows * columns or kept.device != device:
+        kept = _WORKSPACES[_KEPT] = torch.empty(rows * columns, dtype=torch.float32, device=device)
     _kept_owner[0] = token = object()
-    return token
+    return token, kept[: rows * columns].view(rows, columns)
 
 
 def _kept_by(token: object | None, rows: int, columns: int) -> Tensor | None:
