@@ -76,7 +76,7 @@ class HeadLogprobs(torch.autograd.Function):
         grad_inputs = torch.empty_like(inputs) if wants_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if wants_bias else None
-        kept = _kept_by(ctx.kept, inputs.shape[0], weight.shape[0])
+        kept = _kept_by(ctx.kept)
         with torch.autocast(inputs.device.type, enabled=False):
             chunks = (_head_chunks(inputs, weight, bias, ctx.chunk_size) if kept is None
                       else _kept_chunks(kept, ctx.chunk_size, weight.dtype))
@@ -143,7 +143,7 @@ _WORKSPACES: dict[tuple, Tensor] = {}
 # SmolLM2's 49k) would cost more memory than the product saves time: they are recomputed chunk by chunk.
 KEPT_LOGITS = 16 * 2**20
 _KEPT = "kept log-softmax"
-_kept_owner: list = [None]
+_kept_owner: list = [None]  # (token, [N, V] view) of the forward whose log-softmax the memory holds
 
 
 def _keep_for_backward(rows: int, columns: int, device: torch.device) -> tuple[object, Tensor] | tuple[None, None]:
@@ -154,17 +154,19 @@ def _keep_for_backward(rows: int, columns: int, device: torch.device) -> tuple[o
     kept = _WORKSPACES.get(_KEPT)
     if kept is None or kept.numel() < rows * columns or kept.device != device:
         kept = _WORKSPACES[_KEPT] = torch.empty(rows * columns, dtype=torch.float32, device=device)
-    _kept_owner[0] = token = object()
-    return token, kept[: rows * columns].view(rows, columns)
+    token, view = object(), kept[: rows * columns].view(rows, columns)
+    _kept_owner[0] = token, view
+    return token, view
 
 
-def _kept_by(token: object | None, rows: int, columns: int) -> Tensor | None:
-    """The ``[rows, columns]`` log-softmax the forward holding ``token`` kept, if nothing overwrote it since;
-    claimed (the backward turns it into gradients in place)."""
-    if token is None or _kept_owner[0] is not token:
+def _kept_by(token: object | None) -> Tensor | None:
+    """The log-softmax the forward holding ``token`` kept, if nothing overwrote it since; claimed (the backward
+    turns it into gradients in place)."""
+    if token is None or _kept_owner[0] is None or _kept_owner[0][0] is not token:
         return None
+    view = _kept_owner[0][1]
     _kept_owner[0] = None
-    return _WORKSPACES[_KEPT][: rows * columns].view(rows, columns)
+    return view
 
 
 def _workspace(rows: int, columns: int, dtype: torch.dtype, device: torch.device) -> Tensor:
