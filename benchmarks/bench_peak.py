@@ -11,7 +11,8 @@ formula for the CPU attention kernels, ``common.flop_counter`` adds one that cou
 the causal structure or mask lets through), divided by that step's tokens; the achieved rate is that per-token count times the measured tokens per second. The peak is the
 best of several large square GEMMs (up to 2048^3) in the dtype the step's matmul kernels actually run in: bf16
 where the CPU has bf16 matrix units, fp32 where preftune emulates bf16 kernels on fp32 units
-(``preftune/training/precision.py``). Both peaks are reported.
+(``preftune/training/precision.py``). Both peaks are reported, and the fp32 one through oneDNN too (what
+preftune's fp32 runs multiply linear layers with on x86 CPUs, ``preftune/training/kernels.py``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,17 @@ from common import run_worker  # noqa: E402
 SIZE = 2048
 
 
-def gemm_peak(dtype_name: str, seconds: float = 3.0) -> float:
+def gemm_peak(dtype_name: str, seconds: float = 3.0, onednn: bool = False) -> float:
     """GFLOP/s of the best of repeated square GEMMs in ``dtype_name`` for about ``seconds``; the size doubles
-    from 256 up to 2048 while one product takes under 0.3 s (bf16 without bf16 units is very slow)."""
+    from 256 up to 2048 while one product takes under 0.3 s (bf16 without bf16 units is very slow).
+    ``onednn``: fp32 products through preftune's oneDNN kernels (``kernels.OnednnProducts``)."""
     import torch
+
+    if onednn:
+        from preftune.training.kernels import OnednnProducts
+
+        with OnednnProducts():
+            return gemm_peak(dtype_name, seconds)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
 
@@ -60,9 +68,11 @@ def gemm_peak(dtype_name: str, seconds: float = 3.0) -> float:
 def run_peaks(workdir: Path) -> dict:
     import torch
 
+    from preftune.training.kernels import onednn_fp32
     from preftune.training.precision import native_bf16_matmul
 
     return {"fp32": gemm_peak("fp32"), "bf16": gemm_peak("bf16"), "native_bf16": native_bf16_matmul("cpu"),
+            "fp32_onednn": gemm_peak("fp32", onednn=True) if onednn_fp32("cpu") else None,
             "threads": torch.get_num_threads()}
 
 
@@ -71,7 +81,8 @@ def fraction_of_peak(smollm2: dict | None, threads: int) -> dict | None:
     kernels run at, measured now; the peaks alone without a run."""
     with tempfile.TemporaryDirectory(prefix="bench-peak-") as tmp:
         peaks = run_worker(__file__, "peaks", Path(tmp), [], threads)
-    out = {"fp32_peak_gflops": peaks["fp32"], "bf16_peak_gflops": peaks["bf16"], "native_bf16": peaks["native_bf16"]}
+    out = {"fp32_peak_gflops": peaks["fp32"], "fp32_onednn_peak_gflops": peaks.get("fp32_onednn"),
+           "bf16_peak_gflops": peaks["bf16"], "native_bf16": peaks["native_bf16"]}
     if not smollm2:
         return out
     runs = smollm2["runs"]["preftune"]

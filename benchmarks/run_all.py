@@ -64,7 +64,9 @@ def table(report: dict) -> str:
     peak = report.get("peak")
     if peak:
         lines += ["", f"SmolLM2-135M LoRA bf16 step: {peak['achieved_gflops']:.1f} GFLOP/s achieved; matmul peak "
-                  f"{peak['fp32_peak_gflops']:.1f} GFLOP/s fp32, {peak['bf16_peak_gflops']:.1f} GFLOP/s bf16 "
+                  f"{peak['fp32_peak_gflops']:.1f} GFLOP/s fp32"
+                  + (f" ({peak['fp32_onednn_peak_gflops']:.1f} through oneDNN)" if peak.get("fp32_onednn_peak_gflops") else "")
+                  + f", {peak['bf16_peak_gflops']:.1f} GFLOP/s bf16 "
                   f"(native bf16 kernels: {peak['native_bf16']}); fraction of the peak its kernels run at: "
                   f"{peak['fraction_of_peak']:.0%}"]
     machine = report["machine"]

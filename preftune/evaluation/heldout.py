@@ -25,7 +25,7 @@ from ..atomic import write_json
 from ..config import Config, ConfigError
 from ..data import Collator, batches, read_splits, tokenize_examples
 from ..training.logps import CompletionLogps
-from ..training.precision import bf16_compute
+from ..training.precision import compute_kernels
 from ..training.reference import AdapterOffReference, ModelReference
 from ..training.schedule import sequential_batches
 from ..training.step import Scorer, evaluate
@@ -116,7 +116,7 @@ def evaluate_model(config: Config) -> dict[str, float]:
         scorer.token_reference = reference.token_level()
     order = sequential_batches(len(tokenized), config.training.eval_batch_size)
     loader = batches(tokenized, order, Collator(tokenizer.pad_token_id, splits.shape), accelerator.device)
-    with bf16_compute(config.training.precision, accelerator.device):
+    with compute_kernels(config.training.precision, accelerator.device):
         metrics = evaluate(scorer, tqdm(loader, total=len(order), desc="evaluating"), policy)
     metrics["eval/examples"] = float(len(tokenized))
     metrics.update(likelihood_length_analysis(recorder, splits.shape))

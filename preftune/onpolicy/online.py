@@ -36,6 +36,7 @@ from ..objectives.plan import Component, ObjectivePlan
 from ..objectives.spo import SPO, SPOParams
 from ..training.loop import Loop, TrainResult, run_log
 from ..training.metrics import add_batch_statistics
+from ..training.precision import compute_kernels
 from ..training.preference import PreferenceTask
 from .online_config import OnlineConfig, OnlineSection, load_online_config
 from .preferences import win_matrices, win_rates
@@ -169,8 +170,9 @@ def train_online(config: OnlineConfig, judge: Judge | None = None) -> TrainResul
         own_judge = judge is None
         judge = judge or build_judge(online.judge, "online.judge.")
         try:
-            task = OnlineTask(train, objective, tokenizer, policy, online, prompts, judge, use_template)
-            return Loop(train.training, task, accelerator, run_dir).fit()
+            with compute_kernels(train.training.precision, accelerator.device):
+                task = OnlineTask(train, objective, tokenizer, policy, online, prompts, judge, use_template)
+                return Loop(train.training, task, accelerator, run_dir).fit()
         finally:
             if own_judge:
                 judge.close()

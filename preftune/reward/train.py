@@ -35,7 +35,7 @@ from ..training.distributed import is_main_process, reduce_across
 from ..training.fingerprint import model_identity, settings
 from ..training.loop import Loop, run_log
 from ..training.metrics import MeanAccumulator, tracker_names
-from ..training.precision import bf16_compute, prepare_for_bf16, restore_frozen_linears
+from ..training.precision import compute_kernels, prepare_for_bf16, restore_frozen_linears
 from ..training.schedule import sequential_batches, shards
 from .data import (
     Group,
@@ -322,7 +322,7 @@ def train_reward(config: RewardConfig) -> RewardResult:
         model.meta.chat_template = resolved_chat_template(config.data, splits.train + splits.eval, tokenizer)
         texts, train, held_out = build_groups(splits, tokenizer, model.meta)
         task = RewardTask(config, model, tokenizer, texts, train, held_out)
-        with bf16_compute(t.precision, accelerator.device):
+        with compute_kernels(t.precision, accelerator.device):
             run = Loop(t, task, accelerator, run_dir).fit()
     result = RewardResult(run_dir, run.final_dir, run.eval_before or {}, run.eval_after or {}, run.interrupted,
                           task.rewards)

@@ -31,21 +31,23 @@ accumulation. What makes that fast or slow on a given machine:
   value is bitwise the same. PEFT's LoRA layers cast a bf16 input up to their fp32 adapter's dtype, which
   autocast then casts straight back; with no adapter dropout that round trip is skipped (also exact).
 
-``bf16_compute(precision, device)`` enters what the machine needs for the whole run (forward, backward and
-the recomputation that gradient checkpointing does inside backward); ``prepare_for_bf16(model)`` stores and
-shares as above.
+``compute_kernels(precision, device)`` enters what the machine needs for the whole run (forward, backward and
+the recomputation that gradient checkpointing does inside backward), in fp32 too: there, on x86 CPUs, the
+products of linear layers go through oneDNN (``kernels.OnednnProducts``); ``prepare_for_bf16(model)`` stores
+and shares as above.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .kernels import OnednnProducts, SwappedKernels, onednn_fp32
 
 log = logging.getLogger("preftune")
 BF16 = torch.bfloat16
@@ -101,39 +103,20 @@ def _emulating(kernel, fp32_outputs: tuple[int, ...]):
     return emulated
 
 
-class EmulatedBf16Matmuls:
+class EmulatedBf16Matmuls(SwappedKernels):
     """bf16 matmul kernels computed on fp32 units (see the module docstring), while inside (re-entrant).
 
-    It replaces the CPU kernels of the matmul-class ops (``_KERNELS``) and nothing else: below autograd and
-    autocast, so what autograd saves, what gradient checkpointing recomputes and every rounding to bf16 stay
-    autocast's; only the kernel that multiplies changes. The replacement is process-wide while any is
-    active (other threads' fp32 products pass through unchanged), and PyTorch's kernels come back on exit.
-    Only these few ops reach Python: a dispatch mode would see every op of the step (measured: 13% of a
-    SmolLM2 LoRA forward + backward went to that)."""
+    It replaces the CPU kernels of the matmul-class ops (``_KERNELS``) and nothing else (``kernels.SwappedKernels``:
+    below autograd and autocast, so what autograd saves, what gradient checkpointing recomputes and every
+    rounding to bf16 stay autocast's; only the kernel that multiplies changes); fp32 calls pass through."""
 
     KERNELS = _KERNELS
     _active = 0
     _library = None
 
-    def __enter__(self) -> EmulatedBf16Matmuls:
-        cls = type(self)
-        if cls._active == 0:
-            library = torch.library.Library("aten", "IMPL")
-            with warnings.catch_warnings():  # "overriding a previously registered kernel": that is the point
-                warnings.simplefilter("ignore")
-                for op, fp32_outputs in cls.KERNELS.items():
-                    kernel = torch.library.get_kernel(op, "CPU")
-                    library.impl(op, _emulating(kernel, fp32_outputs), "CPU", with_keyset=True)
-            cls._library = library
-        cls._active += 1
-        return self
-
-    def __exit__(self, *exc) -> None:
-        cls = type(self)
-        cls._active -= 1
-        if cls._active == 0:
-            cls._library._destroy()
-            cls._library = None
+    @classmethod
+    def replacement(cls, op, kernel, fp32_outputs):
+        return _emulating(kernel, fp32_outputs)
 
 
 class EmulatedBf16Attention(EmulatedBf16Matmuls):
@@ -275,21 +258,26 @@ def prepare_for_bf16(model: nn.Module) -> int:
     return moved
 
 
-def bf16_kernels(precision: str, device: torch.device | str) -> str:
-    """Which kernels ``bf16_compute`` runs a ``precision`` run's products with on ``device``: ``native``,
-    ``fp32 attention`` (AVX-512-BF16 without AMX) or ``emulated`` (no bf16 units). Their numbers differ in the
-    last bits, so whatever caches computed values (the reference log-probs) keys on this."""
-    if precision != "bf16" or torch.device(device).type != "cpu" or amx(device):
+def kernel_choice(precision: str, device: torch.device | str) -> str:
+    """Which kernels ``compute_kernels`` runs a ``precision`` run's products with on ``device``. bf16: ``native``,
+    ``fp32 attention`` (AVX-512-BF16 without AMX) or ``emulated`` (no bf16 units); fp32: ``onednn`` (x86 CPUs,
+    ``kernels.OnednnProducts``) or ``native``. Their numbers differ in the last bits, so whatever caches
+    computed values (the reference log-probs) keys on this."""
+    device = torch.device(device)
+    if precision != "bf16":
+        return "onednn" if precision == "fp32" and onednn_fp32(device) else "native"
+    if device.type != "cpu" or amx(device):
         return "native"
     return "fp32 attention" if native_bf16_matmul(device) else "emulated"
 
 
-_EMULATION = {"native": contextlib.nullcontext, "fp32 attention": EmulatedBf16Attention,
-              "emulated": EmulatedBf16Matmuls}
+_KERNEL_SWAPS = {"native": contextlib.nullcontext, "fp32 attention": EmulatedBf16Attention,
+                 "emulated": EmulatedBf16Matmuls, "onednn": OnednnProducts}
 
 
 @contextlib.contextmanager
-def bf16_compute(precision: str, device: torch.device | str) -> Iterator[None]:
-    """What bf16 needs on ``device`` for everything run inside (see the module docstring); nothing for fp32."""
-    with _EMULATION[bf16_kernels(precision, device)]():
+def compute_kernels(precision: str, device: torch.device | str) -> Iterator[None]:
+    """The kernels ``kernel_choice`` names, for everything run inside (forward, backward, the recomputation
+    that gradient checkpointing does inside backward, reference precomputation, evaluation)."""
+    with _KERNEL_SWAPS[kernel_choice(precision, device)]():
         yield

@@ -23,7 +23,7 @@ from .fingerprint import model_identity, settings
 from .logps import CompletionLogps
 from .loop import Loop, TrainResult, run_log
 from .metrics import MeanAccumulator, add_batch_statistics, tracker_names
-from .precision import bf16_compute, prepare_for_bf16, restore_frozen_linears
+from .precision import compute_kernels, prepare_for_bf16, restore_frozen_linears
 from .reference import build_reference, precompute_reference
 from .samples import generate_samples, sample_prompts
 from .schedule import Shard, sequential_batches, shards
@@ -230,6 +230,7 @@ def train_run(config: Config, objective, command: str = "train") -> TrainResult:
         trainable, total = modeling.count_parameters(policy)
         log.info("policy: %s%s, %d of %d parameters trainable", config.model.name_or_path,
                  f" ({config.model.quantization} quantized)" if config.model.quantization else "", trainable, total)
-        task = PreferenceTask(config, objective, tokenizer, policy, data, splits.shape)
-        with bf16_compute(config.training.precision, accelerator.device):
+        # the task precomputes the reference (when asked): with the kernels its cache key names
+        with compute_kernels(config.training.precision, accelerator.device):
+            task = PreferenceTask(config, objective, tokenizer, policy, data, splits.shape)
             return Loop(config.training, task, accelerator, run_dir).fit()

@@ -34,7 +34,7 @@ from .distributed import (
     whole_parameters,
 )
 from .logps import TokenReference, completion_logps
-from .precision import bf16_kernels
+from .precision import kernel_choice
 from .schedule import sequential_batches, shards
 from .step import is_stand_in
 
@@ -245,7 +245,7 @@ def precompute_reference(
 ) -> CachedReference:
     """Reference log-probs of a whole split, cached on disk under a hash of everything they depend on;
     each process of ``accelerator`` computes its share of every batch (``eval_batch_size`` per process)."""
-    kernels = bf16_kernels(config.training.precision, accelerator.device)  # they set the last bits
+    kernels = kernel_choice(config.training.precision, accelerator.device)  # they set the last bits
     numerics = (f"{config.training.precision}|{config.model.dtype}|{kernels}|{config.training.packing}|"
                 f"logps-{logps.LOGPS_REVISION}|torch-{torch.__version__}|transformers-{transformers.__version__}")
     key = cache_key(reference.weights_digest(), content_hash(examples), numerics)

@@ -237,9 +237,9 @@ def test_a_shared_copy_is_made_again_after_an_in_place_change():
 
 @pytest.mark.parametrize(("native", "amx", "chosen"), [(False, False, EmulatedBf16Matmuls),
                                                        (True, False, EmulatedBf16Attention), (True, True, None)])
-def test_bf16_compute_emulates_what_the_cpu_runs_slowly(monkeypatch, native, amx, chosen):
+def test_compute_kernels_emulates_what_the_cpu_runs_slowly(monkeypatch, native, amx, chosen):
     """Without bf16 units every bf16 kernel is emulated; with AVX-512-BF16 and no AMX only attention (its fp32
-    kernel is faster there); with AMX nothing. ``bf16_kernels`` names the choice (the reference cache keys on it). Emulated attention is exactly fp32 attention of the bf16
+    kernel is faster there); with AMX nothing. ``kernel_choice`` names the choice (the reference cache keys on it). Emulated attention is exactly fp32 attention of the bf16
     operands, rounded to bf16; products outside attention stay PyTorch's own."""
     monkeypatch.setattr(precision, "native_bf16_matmul", lambda device: native)
     monkeypatch.setattr(precision, "amx", lambda device: amx)
@@ -247,10 +247,9 @@ def test_bf16_compute_emulates_what_the_cpu_runs_slowly(monkeypatch, native, amx
     q, k, v = (torch.randn(1, 2, 12, 16).to(BF16) for _ in range(3))
     a, b = torch.randn(20, 30).to(BF16), torch.randn(30, 10).to(BF16)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    assert precision.bf16_kernels("bf16", "cpu") == {EmulatedBf16Matmuls: "emulated", None: "native",
+    assert precision.kernel_choice("bf16", "cpu") == {EmulatedBf16Matmuls: "emulated", None: "native",
                                                      EmulatedBf16Attention: "fp32 attention"}[chosen]
-    assert precision.bf16_kernels("fp32", "cpu") == "native"
-    with precision.bf16_compute("bf16", "cpu"):
+    with precision.compute_kernels("bf16", "cpu"):
         active = {cls: cls._active for cls in (EmulatedBf16Matmuls, EmulatedBf16Attention)}
         attended, product = sdpa(q, k, v, is_causal=True), a @ b
     assert active == {cls: int(cls is chosen) for cls in active}

@@ -78,7 +78,11 @@ def _final_weights(result) -> dict[str, torch.Tensor]:
 
 def test_gradient_accumulation_1x8_equals_8x1(base_config, tmp_path):
     """One optimizer step over 8 pairs must not depend on how they are split into micro-batches: each
-    example's loss is weighted 1/8 either way, so gradients, losses and updated weights agree."""
+    example's loss is weighted 1/8 either way, so gradients, losses and updated weights agree. Weights to 1% of
+    the learning rate (1e-3): Adam moves a weight whose gradient is near its epsilon by up to lr x (gradient's
+    rounding error) / epsilon, and the two splits may multiply in different kernels (a product goes to oneDNN
+    from ``kernels.MIN_MACS`` multiply-adds on; measured: one of 16,384 weights of an MLP gate 6e-6 apart),
+    while a micro-batch dropped or weighted wrongly moves many weights by a good part of lr."""
     raw = copy.deepcopy(base_config)
     raw["data"]["eval_fraction"] = 0.0
     raw["training"].update(max_steps=2, save_steps=None, eval_before_training=False)
@@ -91,7 +95,7 @@ def test_gradient_accumulation_1x8_equals_8x1(base_config, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     wa, wb = _final_weights(one), _final_weights(eight)
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_curve(base_config, tmp_path, monkeypatch):
@@ -157,7 +161,7 @@ def test_precomputed_reference_equals_live_reference_and_is_reused(base_config, 
         if name == "revision":
             monkeypatch.setattr(logps, "LOGPS_REVISION", logps.LOGPS_REVISION + 1)
         if name == "other-kernels":
-            monkeypatch.setattr(reference, "bf16_kernels", lambda precision, device: "emulated")
+            monkeypatch.setattr(reference, "kernel_choice", lambda precision, device: "emulated")
         run(raw, "reference.precompute=true", f"training.output_dir={tmp_path / name}", *overrides)
         assert len(list((tmp_path / "refcache").glob("*.safetensors"))) == 2 * count, name
         assert "reusing cached" not in (tmp_path / name / "train.log").read_text()
