@@ -37,7 +37,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,7 @@ class Block:
     query_positions: Tensor  # (Q,) position ids of the queries
     key_positions: Tensor  # (K,) position ids of the keys
     read: Tensor | None = None  # (q,) offsets of the queries whose last-layer output is read; None: all
+    _biases: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def causal(self) -> bool:
@@ -75,6 +76,18 @@ class Block:
         if sliding_window is not None:  # as transformers' sliding_window_overlay: q - kv < window
             allowed &= (q - k) < sliding_window
         return allowed[None, None]
+
+    def bias(self, sliding_window: int | None, read_only: bool, dtype: torch.dtype) -> Tensor | None:
+        """``mask`` (for the read queries when ``read_only``) as the additive 0 / -inf mask sdpa turns a boolean
+        one into at every call, made once per batch: every layer, the reference's forward and backward share it
+        (same values, so bitwise the same attention; the per-call conversions and comparisons were ~2% of a
+        long-prompt step)."""
+        key = sliding_window, read_only, dtype
+        if key not in self._biases:
+            allowed = self.mask(sliding_window, self.read if read_only else None)
+            self._biases[key] = None if allowed is None else torch.zeros(
+                allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        return self._biases[key]
 
 
 @dataclass
@@ -186,12 +199,12 @@ def _packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             rows = queries.new_zeros(queries.shape[0], queries.shape[2], queries.shape[1], value.shape[-1])
             if block.read.numel():
                 out, _ = sdpa_attention_forward(module, queries.index_select(2, block.read), keys, values,
-                                                block.mask(sliding_window, block.read), dropout=dropout, scaling=scaling,
-                                                is_causal=False)
+                                                block.bias(sliding_window, True, queries.dtype), dropout=dropout,
+                                                scaling=scaling, is_causal=False)
                 rows = rows.index_copy(1, block.read, out)
             outputs.append(rows)
             continue
-        mask = block.mask(sliding_window)
+        mask = block.bias(sliding_window, False, queries.dtype)
         out, _ = sdpa_attention_forward(module, queries, keys, values, mask, dropout=dropout, scaling=scaling,
                                         is_causal=mask is None)
         outputs.append(out)

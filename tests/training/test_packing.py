@@ -8,7 +8,7 @@ import torch
 
 from preftune.testing import tiny_llama
 from preftune.training.logps import TokenReference, completion_logps
-from preftune.training.packing import backbone_hidden, pack_rows, supports_packing
+from preftune.training.packing import Block, backbone_hidden, pack_rows, supports_packing
 
 MODES = ("padding_free", "prefix_shared")
 
@@ -61,6 +61,30 @@ def test_pack_rows_layout_by_hand():
     assert window.long().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
     # the last layer's read queries only (A's positions 1 and 2, which predict its completion 7 8): causal rows
     assert first.mask(None, torch.tensor([1, 2]))[0, 0].long().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    # the additive form the attention calls get, made once per batch: 0 where allowed, -inf elsewhere
+    inf = float("-inf")
+    assert second.bias(2, False, torch.float32)[0, 0].tolist() == [[inf, 0.0, 0.0]]
+    assert second.bias(2, False, torch.float32) is second.bias(2, False, torch.float32)
+    assert first.bias(None, False, torch.float32) is None  # plain causal: sdpa's causal kernel, no mask
+    first.read = torch.tensor([1, 2])
+    assert first.bias(None, True, torch.float32)[0, 0].tolist() == [[0.0, 0.0, inf, inf], [0.0, 0.0, 0.0, inf]]
+    assert first.bias(None, True, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_an_additive_mask_gives_the_boolean_masks_attention_bitwise():
+    """sdpa with ``Block.bias`` against the same block's boolean ``mask`` (sdpa converts that to 0 / -inf
+    at every call): same output and gradients, bit for bit, for a 61-query block against 562 keys."""
+    block = Block((501, 562), [(0, 501), (501, 562)], torch.arange(501, 562), torch.arange(562))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, n, 64, generator=gen) for n in (61, 562, 562))
+    grad = torch.randn(1, 4, 61, 64, generator=gen)
+    results = []
+    for mask in (block.mask(None), block.bias(None, False, torch.float32)):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*inputs, attn_mask=mask)
+        out.backward(grad)
+        results.append([out, *(t.grad for t in inputs)])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 def test_left_padding_is_not_packed():
