@@ -28,8 +28,11 @@ is contiguous, the second contiguous or transposed-contiguous, and it has at lea
 multiply-adds; everything else is PyTorch's kernel, untouched. The numbers are fp32 products (oneDNN's
 default, strict fp32 math mode) summed in another order: the same to float rounding, not bitwise.
 
-A run enters it (``precision.compute_kernels``) for fp32 on x86 CPUs; ``PREFTUNE_CPU_MATMUL=pytorch`` in the
-environment keeps PyTorch's kernels (``onednn`` is the default). The reference cache keys on the choice.
+Without AVX-512 it is not a clear win: with oneDNN held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``) on the same CPU,
+the tiny Llama's big products were still faster (157 -> 195 forward) but SmolLM2's slower (1000 x 576 x 1536:
+186 -> 167; 64 x 256 x 8192: 110 -> 100). So a run enters it (``precision.compute_kernels``) for fp32 on x86
+CPUs with AVX-512; ``PREFTUNE_CPU_MATMUL`` in the environment overrides that: ``onednn`` on any x86 CPU,
+``pytorch`` never (``auto``, the default, is the rule above). The reference cache keys on the choice.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ _aten = torch.ops.aten
 F32 = torch.float32
 MIN_MACS = 1 << 22  # multiply-adds below which MKL was as fast or faster (see the module docstring)
 ENV = "PREFTUNE_CPU_MATMUL"
-CHOICES = ("onednn", "pytorch")
+CHOICES = ("auto", "onednn", "pytorch")
 
 
 class SwappedKernels:
@@ -135,17 +138,24 @@ class OnednnProducts(SwappedKernels):
 
 
 def cpu_matmul() -> str:
-    """``PREFTUNE_CPU_MATMUL`` from the environment: ``onednn`` (default) or ``pytorch``."""
-    value = os.environ.get(ENV, "onednn").strip().lower() or "onednn"
+    """``PREFTUNE_CPU_MATMUL`` from the environment: ``auto`` (the default), ``onednn`` or ``pytorch``."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in CHOICES:
         raise ValueError(f"environment variable {ENV}={os.environ[ENV]!r}: expected one of {', '.join(CHOICES)} "
-                         "(onednn: fp32 products of linear layers through oneDNN on x86 CPUs; pytorch: PyTorch's "
-                         "own kernels)")
+                         "(auto: fp32 products of linear layers through oneDNN on x86 CPUs with AVX-512; onednn: on "
+                         "any x86 CPU; pytorch: PyTorch's own kernels)")
     return value
 
 
+def _avx512() -> bool:
+    supported = getattr(torch.cpu, "_is_avx512_supported", None)  # not in every PyTorch release
+    return supported is not None and bool(supported())
+
+
 def onednn_fp32(device: torch.device | str) -> bool:
-    """Whether fp32 products on ``device`` go through oneDNN: an x86 CPU whose PyTorch has oneDNN, unless the
-    environment says ``PREFTUNE_CPU_MATMUL=pytorch``."""
-    return (torch.device(device).type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and cpu_matmul() == "onednn")
+    """Whether fp32 products on ``device`` go through oneDNN: an x86 CPU whose PyTorch has oneDNN, with AVX-512
+    unless ``PREFTUNE_CPU_MATMUL=onednn`` (module docstring), and never with ``PREFTUNE_CPU_MATMUL=pytorch``."""
+    choice = cpu_matmul()
+    return (choice != "pytorch" and torch.device(device).type == "cpu"
+            and platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and (choice == "onednn" or _avx512()))

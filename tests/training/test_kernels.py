@@ -98,18 +98,22 @@ def test_a_tiny_llama_forward_and_backward_match_pytorchs_kernels(taken, monkeyp
 
 
 def test_kernel_choice_for_fp32(monkeypatch):
-    """fp32 on an x86 CPU: oneDNN unless ``PREFTUNE_CPU_MATMUL=pytorch``; a bad value names the variable;
-    a GPU keeps PyTorch's; ``compute_kernels`` enters the swap for the choice only."""
+    """fp32 on an x86 CPU: oneDNN when it has AVX-512 (``auto``) or ``PREFTUNE_CPU_MATMUL=onednn``, never with
+    ``pytorch``; a bad value names the variable; a GPU keeps PyTorch's; ``compute_kernels`` enters the swap
+    for that choice only."""
     monkeypatch.delenv(kernels.ENV, raising=False)
-    assert precision.kernel_choice("fp32", "cpu") == "onednn"
-    assert precision.kernel_choice("fp32", "cuda") == "native"
-    with precision.compute_kernels("fp32", "cpu"):
-        assert OnednnProducts._active == 1
-    assert OnednnProducts._active == 0
-    monkeypatch.setenv(kernels.ENV, "pytorch")
-    assert precision.kernel_choice("fp32", "cpu") == "native"
-    with precision.compute_kernels("fp32", "cpu"):
+    for avx512, setting, expected in ((True, None, "onednn"), (False, None, "native"), (False, "onednn", "onednn"),
+                                      (True, "pytorch", "native"), (True, " Auto ", "onednn")):
+        monkeypatch.setattr(kernels, "_avx512", lambda avx512=avx512: avx512)
+        if setting is None:
+            monkeypatch.delenv(kernels.ENV, raising=False)
+        else:
+            monkeypatch.setenv(kernels.ENV, setting)
+        assert precision.kernel_choice("fp32", "cpu") == expected, (avx512, setting)
+        assert precision.kernel_choice("fp32", "cuda") == "native"
+        with precision.compute_kernels("fp32", "cpu"):
+            assert OnednnProducts._active == int(expected == "onednn")
         assert OnednnProducts._active == 0
     monkeypatch.setenv(kernels.ENV, "mkl")
-    with pytest.raises(ValueError, match="PREFTUNE_CPU_MATMUL='mkl': expected one of onednn, pytorch"):
+    with pytest.raises(ValueError, match="PREFTUNE_CPU_MATMUL='mkl': expected one of auto, onednn, pytorch"):
         precision.kernel_choice("fp32", "cpu")
