@@ -32,9 +32,9 @@ accumulation. What makes that fast or slow on a given machine:
   autocast then casts straight back; with no adapter dropout that round trip is skipped (also exact).
 
 ``compute_kernels(precision, device)`` enters what the machine needs for the whole run (forward, backward and
-the recomputation that gradient checkpointing does inside backward), in fp32 too: there, on x86 CPUs, the
-products of linear layers go through oneDNN (``kernels.OnednnProducts``); ``prepare_for_bf16(model)`` stores
-and shares as above.
+the recomputation that gradient checkpointing does inside backward), in fp32 too: there, on x86 CPUs with
+AVX-512, the products of linear layers go through oneDNN (``kernels.OnednnProducts``); ``prepare_for_bf16(model)``
+stores and shares as above.
 """
 
 from __future__ import annotations
@@ -260,8 +260,8 @@ def prepare_for_bf16(model: nn.Module) -> int:
 
 def kernel_choice(precision: str, device: torch.device | str) -> str:
     """Which kernels ``compute_kernels`` runs a ``precision`` run's products with on ``device``. bf16: ``native``,
-    ``fp32 attention`` (AVX-512-BF16 without AMX) or ``emulated`` (no bf16 units); fp32: ``onednn`` (x86 CPUs,
-    ``kernels.OnednnProducts``) or ``native``. Their numbers differ in the last bits, so whatever caches
+    ``fp32 attention`` (AVX-512-BF16 without AMX) or ``emulated`` (no bf16 units); fp32: ``onednn``
+    (``kernels.OnednnProducts``, where ``kernels.onednn_fp32`` says: x86 CPUs with AVX-512 by default) or ``native``. Their numbers differ in the last bits, so whatever caches
     computed values (the reference log-probs) keys on this."""
     device = torch.device(device)
     if precision != "bf16":
