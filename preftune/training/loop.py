@@ -52,6 +52,7 @@ from .engines import (
     zero_stage,
 )
 from .fingerprint import check_same_run
+from .kernels import fused_adamw
 from .metrics import MeanAccumulator, MetricsWriter, finite, read_metrics
 from .schedule import BatchSchedule, Shard
 
@@ -172,9 +173,10 @@ class Loop:
         self.schedule = BatchSchedule(task.num_examples, config.batch_size * world, config.gradient_accumulation_steps,
                                       config.seed, accelerator.process_index, world)
         self.total_steps = self.schedule.total_steps(config.epochs, config.max_steps)
-        optimizer = torch.optim.AdamW(task.param_groups(config), lr=config.learning_rate,
-                                      weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2),
-                                      eps=config.adam_epsilon)
+        groups = task.param_groups(config)
+        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                      betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                                      fused=fused_adamw(groups, sharded=self.sharded or self.deepspeed) or None)
         warmup = config.warmup_steps or math.ceil(config.warmup_ratio * self.total_steps)
         scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.total_steps)

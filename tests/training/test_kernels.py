@@ -117,3 +117,27 @@ def test_kernel_choice_for_fp32(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "mkl")
     with pytest.raises(ValueError, match="PREFTUNE_CPU_MATMUL='mkl': expected one of auto, onednn, pytorch"):
         precision.kernel_choice("fp32", "cpu")
+
+
+def test_fused_adamw_where_the_parameters_allow_it():
+    """Plain CPU floating-point parameters take the fused kernel; sharded runs, empty and integer parameter
+    lists do not. Five fused steps land where five ``foreach`` steps do, to float rounding (each moves a
+    weight by at most lr = 1e-2, so 1e-6 is ~1e-4 of a step; a wrong bias correction or decay is ~1e-3)."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+    groups = [{"params": weights}]
+    assert kernels.fused_adamw(groups, sharded=False)
+    assert not kernels.fused_adamw(groups, sharded=True)
+    assert not kernels.fused_adamw([{"params": []}], sharded=False)
+    assert not kernels.fused_adamw([{"params": [torch.zeros(3, dtype=torch.long)]}], sharded=False)
+    copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    fused = torch.optim.AdamW(weights, lr=1e-2, weight_decay=0.1, fused=True)
+    plain = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1, foreach=True)
+    for _ in range(5):
+        grads = [torch.randn_like(w) for w in weights]
+        for w, c, g in zip(weights, copies, grads, strict=True):
+            w.grad, c.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for w, c in zip(weights, copies, strict=True):
+        assert (w - c).abs().max() <= 1e-6
