@@ -149,3 +149,26 @@ def test_every_command_help_lists_its_config_keys(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "config keys (section.key = default)" in out and " = " in out.split("config keys", 1)[1]
+
+
+ENDS_GROUP = """import sys
+import torch.distributed as dist
+from preftune import cli
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=0, world_size=1)
+cli.main = lambda: int(sys.argv[2])  # the command's exit code
+code = cli.run()
+print(code, dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize(("code", "still_initialized"), [(0, False), (2, True)])
+def test_the_entry_point_ends_the_process_group_after_a_command_that_succeeded(tmp_path, code, still_initialized):
+    """A real gloo group (one process, file rendezvous): ``run`` ends it after exit code 0 (left to interpreter
+    shutdown, gloo's threads can abort a finished job), not after a failure (another process may still be in a
+    collective)."""
+    script = tmp_path / "ends_group.py"
+    script.write_text(ENDS_GROUP)
+    done = subprocess.run([sys.executable, str(script), f"file://{tmp_path / 'rendezvous'}", str(code)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(code), str(still_initialized)]
