@@ -18,10 +18,12 @@ from preftune.cli import main
 
 JUDGE = "def count_e(completion):\n    return float(completion.count('e'))\n"
 DRIVER = """import sys
+import torch.distributed as dist
 from preftune.cli import main
 for command in ("generate", "label", "winrate"):
     if main([command, command + ".yaml"]) != 0:
         sys.exit(f"preftune {command} failed")
+dist.destroy_process_group()  # what the preftune command does after it succeeded (see cli.run)
 """
 
 
