@@ -242,4 +242,4 @@ def _run_handled(command: str, handler: Callable[[argparse.Namespace], int], arg
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
